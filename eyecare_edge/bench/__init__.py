@@ -1,0 +1,1 @@
+"""Eyecare-Bench records, loaders, metrics and reports (no torch)."""

@@ -1,0 +1,1 @@
+"""Small openly licensed sample images shipped with the package (see PROVENANCE.md)."""

@@ -1,0 +1,42 @@
+"""The runtime package must never pull in torch or transformers (Jetson/camera installs lack them)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+RUNTIME_MODULES = [
+    "eyecare_edge",
+    "eyecare_edge.cli",
+    "eyecare_edge.images",
+    "eyecare_edge.preprocess",
+    "eyecare_edge.layout",
+    "eyecare_edge.bundle",
+    "eyecare_edge.prompts",
+    "eyecare_edge.bench.loaders",
+    "eyecare_edge.bench.metrics",
+    "eyecare_edge.bench.report",
+]
+
+
+@pytest.mark.parametrize("module", RUNTIME_MODULES)
+def test_runtime_module_imports_without_torch(module):
+    code = (
+        f"import sys, importlib; importlib.import_module({module!r}); "
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'accelerate') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_help_lists_commands_without_torch():
+    code = (
+        "import sys; from click.testing import CliRunner; from eyecare_edge.cli import main; "
+        "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output; "
+        "assert 'inspect' in r.output and 'export' in r.output; "
+        "r = CliRunner().invoke(main, ['inspect', '--help']); assert r.exit_code == 0; "
+        "assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

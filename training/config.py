@@ -87,3 +87,7 @@ class EyecareGPTConfig(PreTrainedConfig):
     def connector_in_features(self) -> int:
         groups = 1 + bool(self.ldc_fine_layers) + bool(self.ldc_coarse_layers)
         return groups * self.vision_config.hidden_size
+
+
+# Let transformers' Auto* classes (AutoTokenizer reads config.json) recognise our checkpoints.
+AutoConfig.register(EyecareGPTConfig.model_type, EyecareGPTConfig, exist_ok=True)

@@ -77,6 +77,10 @@ class PromptSpec:
     image_placeholder: str = "<image>"
     stop_strings: list[str] = field(default_factory=list)
     report_prompt: str = ""
+    # Special tokens that swallow the whitespace after / before them in the checkpoint's
+    # tokenizer (see prompts.strip_special_whitespace).
+    rstrip_specials: list[str] = field(default_factory=list)
+    lstrip_specials: list[str] = field(default_factory=list)
 
 
 @dataclass

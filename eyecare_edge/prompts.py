@@ -10,6 +10,7 @@ most likely used (`phi3_instruct`, `qwen_2`), plus `chatml` for SmolLM2 (tests a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -160,6 +161,20 @@ def render(
             template, messages, system=system, add_generation_prompt=add_generation_prompt
         )
     )
+
+
+def strip_special_whitespace(text: str, rstrip: Sequence[str] = (), lstrip: Sequence[str] = ()) -> str:
+    """Drop whitespace after `rstrip` tokens and before `lstrip` tokens, as HF tokenizers do.
+
+    Some tokenizers (Phi-3's `<|user|>`, `<|end|>`...) mark special tokens to swallow adjacent
+    whitespace. A GGUF has no field for that, so the runtime applies it to the text before
+    llama.cpp tokenizes it; the token ids then equal the checkpoint tokenizer's.
+    """
+    for tok in rstrip:
+        text = re.sub(re.escape(tok) + r"\s+", tok, text)
+    for tok in lstrip:
+        text = re.sub(r"\s+" + re.escape(tok), tok, text)
+    return text
 
 
 def format_closed_question(question: str, options: Mapping[str, str]) -> str:

@@ -18,6 +18,16 @@ RUNTIME_MODULES = [
     "eyecare_edge.bench.loaders",
     "eyecare_edge.bench.metrics",
     "eyecare_edge.bench.report",
+    "eyecare_edge.bench.runner",
+    "eyecare_edge.llm",
+    "eyecare_edge.vision",
+    "eyecare_edge.pipeline",
+    "eyecare_edge.screening",
+    "eyecare_edge.tensorrt_runtime",
+    "eyecare_edge.commands.ask",
+    "eyecare_edge.commands.screen",
+    "eyecare_edge.commands.bench",
+    "eyecare_edge.commands.build_engine",
 ]
 
 

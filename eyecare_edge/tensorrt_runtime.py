@@ -1,4 +1,4 @@
-"""TensorRT engines for the vision graph, built on the GPU that will run them.
+"""TensorRT for the vision graph: engines built on the GPU that runs them, and run from the runtime.
 
 An engine is tied to the GPU (compute capability) and the TensorRT version it was built with, so
 bundles ship ONNX and the target builds the engine: strongly typed from the FP16 ONNX (cast in
@@ -7,10 +7,12 @@ and 11.x (which removed the FP16/INT8 builder flags and implicit calibration). T
 profile covers 1..max tiles (tiles are the batch axis), tuned for a typical image's tile count.
 The timing cache is kept in the bundle so a rebuild after a TensorRT patch update is quick.
 
-Only numpy, ctypes and (lazily) `tensorrt` are imported here — no torch, no onnx — so the runtime
-can reuse the pure helpers (cache key, staleness) and even rebuild an engine. Device memory for
-running an engine comes from the CUDA driver library (libcuda, always present where a GPU
-driver is) through ctypes, so no cuda-python/pycuda/torch is needed on a Jetson.
+This module is part of the runtime (`eyecare_edge`): only numpy, ctypes and (lazily) `tensorrt`
+are imported — no torch, no onnx. The runtime finds a usable engine in the manifest, or builds
+and validates one on first use (`ensure_engine`), and runs it (`TensorRTVision`); the
+`build-engine` command uses the same functions. Device memory and streams come from the CUDA
+driver library (libcuda, always present where a GPU driver is) through ctypes, so no
+cuda-python/pycuda/torch is needed on a Jetson.
 """
 
 from __future__ import annotations
@@ -44,11 +46,15 @@ ONNX_FOR_PRECISION = {"fp16": "vision_fp16.onnx", "int8": "vision_int8.onnx"}
 TYPICAL_IMAGE_SIZE = (2336, 3504)
 
 
-class EngineBuildError(RuntimeError):
+class TensorRTError(RuntimeError):
+    """TensorRT cannot be used here, or an engine cannot be found, built or run (message says why)."""
+
+
+class EngineBuildError(TensorRTError):
     """TensorRT could not parse the ONNX or build the engine; the message carries its errors."""
 
 
-class CudaError(RuntimeError):
+class CudaError(TensorRTError):
     """A CUDA driver call failed (message names the call and CUDA's error string)."""
 
 
@@ -382,18 +388,18 @@ def build_engine(
     )
 
 
+def _onnx_precision(path: Path) -> str:
+    """The precision a bundle ONNX name says (`vision_fp16.onnx` -> fp16)."""
+    name = path.name.removesuffix(".onnx")
+    return name.removeprefix("vision_") if name.startswith("vision_") else "unknown"
+
+
 def _parser_error(err: Any) -> str:
     """One ONNX parser error as text: node, op and description where the binding has them."""
     try:
         return f"node {err.node_name()} ({err.node_operator()}): {err.desc()}"
     except AttributeError:
         return str(err)
-
-
-def _onnx_precision(path: Path) -> str:
-    """The precision a bundle ONNX name says (`vision_fp16.onnx` -> fp16)."""
-    name = path.name.removesuffix(".onnx")
-    return name.removeprefix("vision_") if name.startswith("vision_") else "unknown"
 
 
 # --- running (validation and timing) ------------------------------------------------------------
@@ -406,26 +412,33 @@ class EngineRunner:
         import tensorrt as trt
 
         self._trt = trt
+        self._buffers: dict[str, tuple[ctypes.c_uint64, int]] = {}
+        self._ctx = None
+        self.context = self.engine = None
         self._drv = _CudaDriver()
         dev = self._drv.device(device)
         self._dev = dev
-        self._ctx = ctypes.c_void_p()
-        self._drv.call("cuDevicePrimaryCtxRetain", ctypes.byref(self._ctx), dev)
-        self._drv.call("cuCtxSetCurrent", self._ctx)
+        ctx = ctypes.c_void_p()
+        self._drv.call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
+        self._ctx = ctx
         self._stream = ctypes.c_void_p()
-        self._drv.call("cuStreamCreate", ctypes.byref(self._stream), ctypes.c_uint(0))
-        self._logger = trt.Logger(trt.Logger.WARNING)  # must outlive the runtime
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if self.engine is None:
-            raise EngineBuildError(
-                f"{engine_path}: TensorRT could not deserialize the engine (other GPU/version?)"
-            )
-        self.context = self.engine.create_execution_context()
+        try:
+            self._drv.call("cuCtxSetCurrent", self._ctx)
+            self._drv.call("cuStreamCreate", ctypes.byref(self._stream), ctypes.c_uint(0))
+            self._logger = trt.Logger(trt.Logger.WARNING)  # must outlive the runtime
+            self._runtime = trt.Runtime(self._logger)
+            self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+            if self.engine is None:
+                raise EngineBuildError(
+                    f"{engine_path}: TensorRT could not deserialize the engine (other GPU/version?)"
+                )
+            self.context = self.engine.create_execution_context()
+        except BaseException:
+            self.close()  # release the context reference and the stream taken above
+            raise
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        self._buffers: dict[str, tuple[ctypes.c_uint64, int]] = {}
 
     def _buffer(self, name: str, nbytes: int) -> int:
         ptr, size = self._buffers.get(name, (None, 0))
@@ -439,6 +452,9 @@ class EngineRunner:
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         trt = self._trt
+        # The primary context must be current on the calling thread (a server may call from
+        # another thread than the one that created the runner).
+        self._drv.call("cuCtxSetCurrent", self._ctx)
         x = np.ascontiguousarray(tiles, dtype=trt.nptype(self.engine.get_tensor_dtype(self.input)))
         self.context.set_input_shape(self.input, tuple(x.shape))
         out_shape = tuple(self.context.get_tensor_shape(self.output))
@@ -465,6 +481,10 @@ class EngineRunner:
         return out.astype(np.float32, copy=False)
 
     def close(self) -> None:
+        """Free device buffers, the stream and the context reference; safe to call twice."""
+        if self._ctx is None:
+            return
+        self._drv.call("cuCtxSetCurrent", self._ctx)
         for ptr, _ in self._buffers.values():
             self._drv.call("cuMemFree_v2", ptr)
         self._buffers.clear()
@@ -474,6 +494,7 @@ class EngineRunner:
             self._drv.call("cuStreamDestroy_v2", self._stream)
             self._stream = ctypes.c_void_p()
         self._drv.call("cuDevicePrimaryCtxRelease_v2", self._dev)
+        self._ctx = None
 
     def __enter__(self) -> EngineRunner:
         return self
@@ -501,3 +522,329 @@ def engine_info_json(info: EngineInfo) -> dict:
     d["path"] = str(info.path)
     d["timing_cache_path"] = str(info.timing_cache_path) if info.timing_cache_path else None
     return d
+
+
+# --- the runtime: find or build, validate, run ---------------------------------------------------
+
+# precision -> (figure, minimum) an engine must reach against the FP32 ONNX before it is used.
+ENGINE_TOLERANCES: dict[str, tuple[str, float]] = {
+    "fp16": ("cosine_min", 0.999),
+    "int8": ("cosine_mean", 0.99),
+}
+
+
+def embedding_agreement(ref: np.ndarray, test: np.ndarray) -> dict[str, float]:
+    """Per-token cosine (min, mean) and max absolute difference of `test` against `ref` [T, n, d]."""
+    a = np.asarray(ref, dtype=np.float64).reshape(-1, np.shape(ref)[-1])
+    b = np.asarray(test, dtype=np.float64).reshape(-1, np.shape(test)[-1])
+    if a.shape != b.shape:
+        raise ValueError(f"embeddings differ in shape: reference {np.shape(ref)}, test {np.shape(test)}")
+    if not np.isfinite(b).all():
+        return {"cosine_min": 0.0, "cosine_mean": 0.0, "max_abs": float("inf")}
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where((na == 0) & (nb == 0), 1.0, (a * b).sum(axis=1) / (na * nb))
+    cos = np.nan_to_num(cos, nan=0.0)
+    return {
+        "cosine_min": float(cos.min()),
+        "cosine_mean": float(cos.mean()),
+        "max_abs": float(np.abs(a - b).max()),
+    }
+
+
+def validate_engine(
+    bundle: str | Path,
+    manifest: Manifest,
+    engine_path: str | Path,
+    precision: str,
+    *,
+    opt_tiles: int,
+    device: int = 0,
+) -> dict:
+    """Engine vs the bundle's FP32 ONNX (ONNX Runtime CPU) on deterministic smooth tiles, plus
+    the engine's GPU latency per tile. Returns figures with `passed` and `failed`."""
+    tile_size = int(manifest.preprocess_config().tile_size)
+    tiles = check_tiles(tile_size, min(2, opt_tiles))
+    figures: dict = {}
+    with EngineRunner(engine_path, device=device) as run:
+        out = run(tiles)
+        batch = check_tiles(tile_size, opt_tiles, seed=1)
+        run(batch)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            run(batch)
+        figures["gpu_ms_per_tile"] = (time.perf_counter() - t0) / (5 * opt_tiles) * 1000
+    ref_entry = manifest.find("vision", format="onnx", precision="fp32")
+    if ref_entry is None:
+        figures.update({"passed": True, "failed": [], "note": "no FP32 ONNX in the bundle to compare with"})
+        return figures
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(Path(bundle) / ref_entry.path), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {sess.get_inputs()[0].name: tiles})[0]
+    figures.update(embedding_agreement(ref, out))
+    name, limit = ENGINE_TOLERANCES[precision]
+    ok = figures[name] >= limit
+    figures["check"] = f"{name} >= {limit}"
+    figures["passed"] = bool(ok)
+    figures["failed"] = [] if ok else [f"{name} {figures[name]:.6g} < {limit}"]
+    return figures
+
+
+@dataclass
+class EngineResolution:
+    """What `ensure_engine` found or did. status: "up-to-date" (a recorded engine fits this GPU
+    and TensorRT) or "built". `manifest` is the manifest as now on disk (with the new entries)."""
+
+    entry: FileEntry
+    manifest: Manifest
+    status: str
+    gpu: GpuInfo
+    trt_version: str
+    info: EngineInfo | None = None
+    validation: dict | None = None
+
+
+def _lock_path(bundle: Path) -> Path:
+    """A lock file outside the bundle (a bundle holds only model files), one per bundle."""
+    import tempfile
+
+    key = hashlib.sha256(os.path.realpath(bundle).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"eyecare-edge-engine-{key}.lock"
+
+
+class _BuildLock:
+    """An exclusive advisory lock, so two processes that start on a fresh bundle build once."""
+
+    def __init__(self, bundle: Path) -> None:
+        self.path = _lock_path(bundle)
+        self._fh = None
+
+    def __enter__(self) -> _BuildLock:
+        self._fh = open(self.path, "a+b")  # held until __exit__
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory locks, builds may race
+            return self
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing releases the flock
+            self._fh = None
+
+
+def _onnx_digest_cached(path: Path) -> str:
+    from eyecare_edge.vision import DIGESTS
+
+    return DIGESTS.digest([path, path.with_name(path.name + ".data")], lambda: onnx_digest(path), kind="onnx")
+
+
+def _usable(root: Path, entry: FileEntry | None, check: Any) -> FileEntry | None:
+    """`entry` when its file is present and (if `check` is given) matches the manifest."""
+    if entry is None or not (root / entry.path).is_file():
+        return None
+    if check is not None:
+        from eyecare_edge.bundle import BundleError
+
+        try:
+            check([entry])
+        except BundleError:
+            return None
+    return entry
+
+
+def ensure_engine(
+    bundle: str | Path,
+    manifest: Manifest,
+    precision: str,
+    *,
+    device: int = 0,
+    build: bool = True,
+    force: bool = False,
+    max_tiles: int | None = None,
+    opt_tiles: int | None = None,
+    workspace_gb: float = 4.0,
+    validate: bool = True,
+    check: Any = None,
+    progress: Any = None,
+) -> EngineResolution:
+    """A TensorRT engine of `precision` for this GPU and TensorRT version: the one recorded in the
+    manifest when it fits (same TensorRT, compute capability, ONNX digest, enough tiles), else a
+    new one built from the bundle's ONNX, checked against the FP32 ONNX, and recorded (engine and
+    timing cache) in the manifest. The bundle directory must be writable to build.
+
+    check: called with manifest entries before they are read (the pipeline's digest check);
+    progress: called with one-line messages (building takes minutes for SigLIP-so400m).
+    Raises TensorRTError (or a subclass) with the reason.
+    """
+    from eyecare_edge.bundle import add_file, read_manifest, write_manifest
+
+    root = Path(bundle)
+    if precision not in ENGINE_PRECISIONS:
+        raise TensorRTError(
+            f"TensorRT engines are built for {', '.join(ENGINE_PRECISIONS)}, not {precision!r} "
+            "(fp32 and int8_u8s8 run on ONNX Runtime)"
+        )
+    ok, detail = tensorrt_available()
+    if not ok:
+        raise TensorRTError(detail)
+    gpu = gpu_info(device)
+    version = trt_version()
+    onnx_entry = manifest.find("vision", format="onnx", precision=precision)
+    if onnx_entry is None:
+        have = ", ".join(manifest.precisions("vision", "onnx")) or "none"
+        raise TensorRTError(
+            f"{root}: no {precision} vision ONNX to build an engine from (bundle has: {have}; "
+            f"expected {ONNX_FOR_PRECISION[precision]})"
+        )
+    onnx_path = root / onnx_entry.path
+    default_opt, default_max = default_tile_counts(manifest.preprocess_config())
+    max_tiles = max_tiles or default_max
+    opt_tiles = min(opt_tiles or default_opt, max_tiles)
+    digest = _onnx_digest_cached(onnx_path)
+
+    def lookup(m: Manifest) -> FileEntry | None:
+        found = find_engine(
+            m,
+            precision,
+            trt_version=version,
+            compute_capability=gpu.compute_capability,
+            onnx_sha256=digest,
+            max_tiles=max_tiles,
+        )
+        return _usable(root, found, check)
+
+    if not force and (entry := lookup(manifest)) is not None:
+        return EngineResolution(entry, manifest, "up-to-date", gpu, version)
+    if not build:
+        raise TensorRTError(
+            f"{root}: no {precision} engine for {gpu.name} (sm {gpu.compute_capability}) and TensorRT {version}; "
+            f"build it with `eyecare-edge build-engine {root} --precision {precision}`"
+        )
+    if not os.access(root, os.W_OK):
+        raise TensorRTError(
+            f"{root}: the bundle is not writable, so the {precision} engine for this GPU cannot be built "
+            f"here; run `eyecare-edge build-engine {root} --precision {precision}` once as a user who can write it"
+        )
+    with _BuildLock(root):
+        current = read_manifest(root)  # another process may have built it while we waited
+        if not force and (entry := lookup(current)) is not None:
+            return EngineResolution(entry, current, "up-to-date", gpu, version)
+        if check is not None:
+            from eyecare_edge.vision import onnx_files
+
+            check(onnx_files(current, onnx_entry))
+        engine_rel = engine_file_name(
+            precision, compute_capability=gpu.compute_capability, trt_version=version
+        )
+        cache_rel = timing_cache_file_name(compute_capability=gpu.compute_capability, trt_version=version)
+        if progress is not None:
+            progress(
+                f"building the {precision} TensorRT engine from {onnx_entry.path} on {gpu.name} "
+                f"(sm {gpu.compute_capability}), TensorRT {version}, tiles 1/{opt_tiles}/{max_tiles}; "
+                "this happens once per GPU and TensorRT version"
+            )
+        info = build_engine(
+            onnx_path,
+            root / engine_rel,
+            max_tiles=max_tiles,
+            opt_tiles=opt_tiles,
+            workspace_gb=workspace_gb,
+            timing_cache_path=root / cache_rel,
+            precision=precision,
+            device=device,
+        )
+        validation = None
+        if validate:
+            validation = validate_engine(
+                root, current, info.path, precision, opt_tiles=opt_tiles, device=device
+            )
+            validation.update(
+                {"trt_version": info.trt_version, "compute_capability": info.compute_capability}
+            )
+            current.validation[f"engine_{precision}"] = validation
+            if not validation["passed"]:
+                (root / engine_rel).unlink(missing_ok=True)
+                write_manifest(root, current)
+                raise EngineBuildError(
+                    f"{root}: the {precision} engine built here fails its check against the FP32 ONNX "
+                    f"({'; '.join(validation['failed'])}); engine discarded"
+                )
+        entry = add_file(
+            root,
+            current,
+            engine_rel,
+            role="vision",
+            precision=precision,
+            trt_version=info.trt_version,
+            compute_capability=info.compute_capability,
+            extra=info.manifest_extra(onnx_entry.path),
+        )
+        add_file(
+            root,
+            current,
+            cache_rel,
+            role="extra",
+            precision="-",
+            trt_version=info.trt_version,
+            compute_capability=info.compute_capability,
+            extra={"kind": "tensorrt timing cache"},
+        )
+        write_manifest(root, current)
+    return EngineResolution(entry, current, "built", gpu, version, info, validation)
+
+
+class TensorRTVision:
+    """The vision encoder on a TensorRT engine (the `VisionEncoder` interface of `vision`).
+
+    Calls with more tiles than the engine's profile allows are split into chunks. A lock
+    serialises use of the one execution context and its device buffers.
+    """
+
+    def __init__(self, engine_path: str | Path, *, precision: str, max_tiles: int, device: int = 0) -> None:
+        import threading
+
+        self.runner = EngineRunner(engine_path, device=device)
+        self.name = "tensorrt"
+        self.precision = precision
+        self.max_tiles = max(1, int(max_tiles))
+        shape = tuple(self.runner.engine.get_tensor_shape(self.runner.output))
+        self.width = int(shape[-1]) if shape and int(shape[-1]) > 0 else None
+        self._lock = threading.Lock()
+
+    def encode(self, tiles: np.ndarray) -> np.ndarray:
+        if tiles.ndim != 4 or tiles.shape[1] != 3 or tiles.shape[0] < 1:
+            raise TensorRTError(f"tiles must be [T>=1, 3, S, S], got {tiles.shape}")
+        with self._lock:
+            parts = [
+                self.runner(tiles[i : i + self.max_tiles]) for i in range(0, tiles.shape[0], self.max_tiles)
+            ]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def close(self) -> None:
+        with self._lock:
+            self.runner.close()
+
+
+def open_tensorrt_vision(
+    bundle: str | Path,
+    manifest: Manifest,
+    precision: str = "fp16",
+    *,
+    device: int = 0,
+    build: bool = True,
+    check: Any = None,
+    progress: Any = None,
+) -> TensorRTVision:
+    """Find (or build, see `ensure_engine`) this GPU's engine of `precision` and open it."""
+    res = ensure_engine(
+        bundle, manifest, precision, device=device, build=build, check=check, progress=progress
+    )
+    max_tiles = int(
+        (res.entry.extra or {}).get("max_tiles") or default_tile_counts(manifest.preprocess_config())[1]
+    )
+    return TensorRTVision(
+        Path(bundle) / res.entry.path, precision=precision, max_tiles=max_tiles, device=device
+    )

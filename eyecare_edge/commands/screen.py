@@ -1,0 +1,226 @@
+"""`eyecare-edge screen`: a bundle over many images -> resumable JSONL, one line per answer (no torch)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from eyecare_edge.commands.ask import pipeline_options, runtime_options
+
+
+@click.command("screen")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Results JSONL."
+)
+@click.option(
+    "--task",
+    type=click.Choice(["report", "closed", "open"]),
+    default="report",
+    show_default=True,
+    help="report: the bundle's report prompt; open: --questions or a default open question; closed: --questions with options.",
+)
+@click.option(
+    "--questions",
+    "questions_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Questions: JSON list / JSONL of {question, options?, id?}, or a text file with one per line.",
+)
+@click.option(
+    "-q",
+    "--question",
+    "question_texts",
+    multiple=True,
+    help="A question (repeatable); instead of --questions.",
+)
+@click.option("--resume", is_flag=True, help="Continue OUTPUT: skip items already in it.")
+@click.option("--retry-errors", is_flag=True, help="With --resume: run items that ended in an error again.")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most tokens per answer [report 512, else 256].",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar (stderr).")
+@runtime_options
+def screen(
+    bundle: Path,
+    inputs: tuple[str, ...],
+    output: Path,
+    task: str,
+    questions_file: Path | None,
+    question_texts: tuple[str, ...],
+    resume: bool,
+    retry_errors: bool,
+    max_tokens: int | None,
+    no_progress: bool,
+    **runtime: object,
+) -> None:
+    """Answer questions about every image in INPUTS (files, folders, globs; DICOM included).
+
+    One JSONL line per (image frame, question) is written and fsynced as soon as it is done,
+    with id, path, image sha256, question, answer, timings, bundle digest and error. A file that
+    cannot be decoded gets error lines and the run goes on. A killed run loses nothing:
+    rerun with --resume and it skips what is done (errored items too, unless --retry-errors).
+
+    \b
+    Examples:
+      eyecare-edge screen bundles/eyecare-3.8b clinic/2024-06/ -o reports.jsonl
+      eyecare-edge screen bundles/eyecare-3.8b 'scans/**/*.dcm' -o dr.jsonl --task closed --questions dr.json --resume
+    Exit codes: 0 every item succeeded; 3 finished with per-item errors; 1 could not start
+    (bad bundle, unwritable output); 2 bad usage.
+    """
+    from eyecare_edge.bundle import BundleError, read_manifest
+    from eyecare_edge.llm import LLMError
+    from eyecare_edge.pipeline import Pipeline
+    from eyecare_edge.screening import (
+        Question,
+        ResultsFile,
+        ScreenError,
+        default_questions,
+        expand_inputs,
+        load_questions,
+        run_screen,
+    )
+    from eyecare_edge.vision import VisionError
+
+    if retry_errors and not resume:
+        raise click.UsageError("--retry-errors needs --resume")
+    if questions_file is not None and question_texts:
+        raise click.UsageError("give --questions FILE or -q QUESTION, not both")
+    try:
+        files = expand_inputs(inputs)
+        if questions_file is not None:
+            questions = load_questions(questions_file, task)
+        elif question_texts:
+            if task == "closed":
+                raise ScreenError("--task closed needs --questions FILE (questions with options)")
+            questions = [Question(q, q) for q in question_texts]
+        else:
+            questions = None  # the task's default, once the bundle's report prompt is known
+    except ScreenError as e:
+        raise click.UsageError(str(e)) from e
+
+    try:
+        manifest = read_manifest(bundle)
+    except BundleError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    try:
+        if questions is None:
+            questions = default_questions(task, manifest.prompt.report_prompt)
+        # Checked before the model loads: a refused output should not cost a minute of loading.
+        results = ResultsFile(output, digest=manifest.digest(), resume=resume, retry_errors=retry_errors)
+    except ScreenError as e:
+        raise click.UsageError(str(e)) from e
+    except OSError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    if results.truncated_bytes:
+        click.echo(
+            f"{output}: dropped a cut last line ({results.truncated_bytes} bytes); it runs again", err=True
+        )
+    if results.dropped_errors:
+        click.echo(f"{output}: retrying {results.dropped_errors} item(s) that ended in an error", err=True)
+
+    def notice(msg: str) -> None:
+        click.echo(msg, err=True)
+
+    try:
+        pipe = Pipeline.load(bundle, pipeline_options(runtime), progress=notice)
+    except (BundleError, VisionError, LLMError) as e:
+        results.close()
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    with pipe:
+        click.echo(pipe.describe(), err=True)
+        extra = {
+            "vision": f"{pipe.vision.encoder.name} {pipe.vision.encoder.precision}",
+            "llm": pipe.llm_entry.precision,
+        }
+        limit = max_tokens or (512 if task == "report" else 256)
+        with results, _progress_bar(len(files) * len(questions), disabled=no_progress) as progress:
+            try:
+                summary = run_screen(
+                    pipe,
+                    files,
+                    questions,
+                    results,
+                    task=task,
+                    max_tokens=limit,
+                    progress=progress,
+                    extra_fields=extra,
+                )
+            except KeyboardInterrupt:
+                click.echo(f"\ninterrupted; finished items are in {output}: rerun with --resume", err=True)
+                sys.exit(130)
+    s = summary
+    click.echo(
+        f"{s.n_items} item(s) in {s.seconds:.1f} s ({s.items_per_min:.1f}/min): {s.n_ok} ok, {s.n_errors} error(s)"
+        + (f", {s.n_skipped} already done" if s.n_skipped else "")
+        + (
+            f", {s.n_previous_errors} earlier error(s) kept (--retry-errors runs them again)"
+            if s.n_previous_errors
+            else ""
+        )
+        + f"; results in {output}",
+        err=True,
+    )
+    shown = s.errors[:10]
+    for line in shown:
+        click.echo(f"  error: {line}", err=True)
+    if s.n_errors > len(shown):
+        click.echo(f"  ... and {s.n_errors - len(shown)} more (see the 'error' field)", err=True)
+    sys.exit(s.exit_code)
+
+
+class _progress_bar:
+    """A rich progress bar on stderr with ETA, adapted to `screening.Progress`."""
+
+    def __init__(self, total: int, *, disabled: bool) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("screen"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[errors]} errors"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            disable=disabled,
+            transient=False,
+        )
+        self.task = self.bar.add_task("screen", total=total, errors=0)
+        self.errors = 0
+
+    def __enter__(self):
+        from eyecare_edge.screening import Progress as ScreenProgress
+
+        self.bar.start()
+        return ScreenProgress(add_total=self._add_total, advance=self._advance)
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def _add_total(self, n: int) -> None:
+        task = self.bar.tasks[0]
+        self.bar.update(self.task, total=(task.total or 0) + n)
+
+    def _advance(self, n: int, line: dict) -> None:
+        if line.get("error") is not None:
+            self.errors += 1
+        self.bar.update(self.task, advance=n, errors=self.errors)

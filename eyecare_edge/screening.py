@@ -1,0 +1,520 @@
+"""Batch screening: many images, a few questions each, one JSONL line per answer as it finishes.
+
+What makes a long run safe to interrupt:
+
+* Every (file, frame, question) has a deterministic `id` (`item_id`: the file's absolute path, its
+  sha256, the frame and the question). A line is written with one `write`, flushed and fsynced
+  as soon as its answer is done, so a killed run (even SIGKILL) loses at most the item in flight.
+* `--resume` reads the output first. A last line cut by the kill (no newline) is truncated away;
+  every id already present is skipped, so no item is written twice. Items that ended in an error
+  are skipped too (a file that cannot be decoded fails again), unless `retry_errors`: then their
+  lines are removed (the file is rewritten atomically) and the items run again, so each item
+  still appears exactly once.
+* Without resume, an existing non-empty output is refused rather than appended to.
+* Lines written by a different bundle (digest) are refused: one output file, one bundle.
+
+A file that cannot be read or decoded becomes error lines (one per question) and the batch goes on.
+Consecutive questions about one image reuse its KV prefix (`Pipeline.ask`), so asking k
+questions costs one image prefill, not k.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from eyecare_edge.images import SUPPORTED_SUFFIXES, ImageError, read_header
+from eyecare_edge.prompts import OPEN_QA_DEFAULT_PROMPT, REPORT_PROMPT, format_closed_question
+
+TASKS = ("report", "closed", "open")
+_GLOB_CHARS = frozenset("*?[")
+
+
+class ScreenError(Exception):
+    """A screen run that cannot start: bad inputs, questions or output file (message says why)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    """PACS exports often have no suffix (IM000001); the DICM magic at byte 128 identifies them."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
+def _scan_folder(folder: Path) -> list[Path]:
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            p = Path(root) / name
+            suffix = p.suffix.lower()
+            if suffix in SUPPORTED_SUFFIXES or (suffix == "" and _has_dicom_preamble(p)):
+                out.append(p)
+    return out
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Files, folders (recursive: supported suffixes, plus suffix-less DICOM) and globs -> files,
+    in the order given (folders and globs sorted), each once.
+
+    A file named explicitly is taken whatever its suffix (its bytes decide the format). A path
+    that does not exist, or a glob/folder that matches nothing, is a ScreenError: a typo should
+    stop the run at once, not after hours.
+    """
+    seen: set[str] = set()
+    out: list[Path] = []
+
+    def add(p: Path) -> None:
+        key = os.path.abspath(p)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+
+    for item in inputs:
+        text = os.fspath(item)
+        p = Path(text)
+        if p.is_dir():
+            found = _scan_folder(p)
+            if not found:
+                raise ScreenError(
+                    f"{text}: folder holds no image files ({', '.join(sorted(SUPPORTED_SUFFIXES))})"
+                )
+            for f in found:
+                add(f)
+        elif p.exists():
+            add(p)
+        elif _GLOB_CHARS & set(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            files = []
+            for m in matches:
+                mp = Path(m)
+                files.extend(_scan_folder(mp) if mp.is_dir() else [mp])
+            if not files:
+                raise ScreenError(f"{text}: pattern matches no files")
+            for f in files:
+                add(f)
+        else:
+            raise ScreenError(f"{text}: no such file or folder")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Questions
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question of a run. `prompt` is what the model is asked (options formatted in for
+    closed questions); `question`/`options`/`qid` are what the questions file said."""
+
+    prompt: str
+    question: str
+    options: Mapping[str, str] | None = None
+    qid: str | None = None
+
+
+def _question_from(obj: Any, where: str, task: str) -> Question:
+    if isinstance(obj, str):
+        obj = {"question": obj}
+    if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not obj["question"].strip():
+        raise ScreenError(f"{where}: expected a question string or an object with a 'question' string")
+    text = obj["question"].strip()
+    options = obj.get("options")
+    valid_options = isinstance(options, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in options.items()
+    )
+    if options is not None and not (valid_options and options):
+        raise ScreenError(f"{where}: 'options' must be an object of letter -> option text")
+    if task == "closed" and not options:
+        raise ScreenError(f"{where}: a closed question needs 'options' (letter -> text)")
+    prompt = format_closed_question(text, options) if task == "closed" else text
+    qid = obj.get("id")
+    return Question(prompt, text, dict(options) if options else None, None if qid is None else str(qid))
+
+
+def load_questions(path: str | os.PathLike[str], task: str) -> list[Question]:
+    """Questions from JSON (a list, or {"questions": [...]}), JSONL (one per line) or text (one
+    question per line, `#` comments). An entry is a string or {"question", "options"?, "id"?};
+    closed questions need options."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ScreenError(f"{p}: cannot read the questions file ({e})") from e
+    entries: list[tuple[str, Any]] = []
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ScreenError(f"{p}: invalid JSON ({e})") from e
+        if isinstance(data, dict) and "questions" in data:
+            data = data["questions"]
+        if not isinstance(data, list):
+            raise ScreenError(f"{p}: expected a list of questions")
+        entries = [(f"{p}[{i}]", obj) for i, obj in enumerate(data)]
+    elif p.suffix.lower() == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    entries.append((f"{p}:{n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ScreenError(f"{p}:{n}: invalid JSON ({e})") from e
+    else:
+        entries = [
+            (f"{p}:{n}", line.strip())
+            for n, line in enumerate(text.splitlines(), 1)
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+    questions = [_question_from(obj, where, task) for where, obj in entries]
+    if not questions:
+        raise ScreenError(f"{p}: no questions")
+    return questions
+
+
+def default_questions(task: str, report_prompt: str | None = None) -> list[Question]:
+    """The question of a task when no questions file is given (closed QA has none)."""
+    if task == "report":
+        prompt = report_prompt or REPORT_PROMPT
+        return [Question(prompt, prompt)]
+    if task == "open":
+        return [Question(OPEN_QA_DEFAULT_PROMPT, OPEN_QA_DEFAULT_PROMPT)]
+    raise ScreenError("--task closed needs --questions FILE (questions with options)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Results file
+# ---------------------------------------------------------------------------------------------
+
+
+def item_id(path: str | os.PathLike[str], file_sha256: str | None, frame: int | None, prompt: str) -> str:
+    """Deterministic id of one (file, frame, question): the same run asks the same ids, so a
+    resumed run knows what is done. The absolute path is part of it, so two copies of one image
+    get a line each; a file whose content changed gets new ids (it is asked again)."""
+    blob = "\0".join(
+        [os.path.abspath(path), file_sha256 or "-", "-" if frame is None else str(frame), prompt]
+    )
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+class ResultsFile:
+    """The JSONL output: what it already holds (on resume) and a durable `append`."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, digest: str, resume: bool, retry_errors: bool = False
+    ) -> None:
+        self.path = Path(path)
+        self.digest = digest
+        self.done: set[str] = set()
+        self.n_existing_errors = 0
+        self.truncated_bytes = 0
+        self.dropped_errors = 0
+        exists = self.path.is_file() and self.path.stat().st_size > 0
+        if exists and not resume:
+            raise ScreenError(
+                f"{self.path}: exists and is not empty; pass --resume to continue it, or choose another output"
+            )
+        if exists:
+            self._load(retry_errors)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        except OSError as e:
+            raise OSError(f"{self.path}: cannot write the results file ({e.strerror or e})") from e
+
+    def _load(self, retry_errors: bool) -> None:
+        data = self.path.read_bytes()
+        cut = data.rfind(b"\n") + 1  # after the last complete line; the rest was cut by a kill
+        kept: list[bytes] = []
+        for n, line in enumerate(data[:cut].splitlines(keepends=True), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                rid = rec["id"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ScreenError(
+                    f"{self.path}:{n}: not a screen results line ({e}); cannot resume it"
+                ) from e
+            theirs = rec.get("bundle_digest")
+            if theirs != self.digest:
+                raise ScreenError(
+                    f"{self.path}:{n}: written with bundle {str(theirs)[:16]}, not this bundle {self.digest[:16]}; "
+                    "use another output file for another bundle"
+                )
+            if rec.get("error") is not None:
+                if retry_errors:
+                    self.dropped_errors += 1
+                    continue
+                self.n_existing_errors += 1
+            self.done.add(rid)
+            kept.append(line)
+        # Only a file that passed the checks above is changed.
+        if cut < len(data):  # drop the torn last line (its item runs again)
+            with open(self.path, "r+b") as f:
+                f.truncate(cut)
+                f.flush()
+                os.fsync(f.fileno())
+            self.truncated_bytes = len(data) - cut
+        if retry_errors and self.dropped_errors:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "wb") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            _fsync_dir(self.path.parent)
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Write one line and make it durable before returning (flush + fsync)."""
+        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self.done.add(record["id"])
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+    def __enter__(self) -> ResultsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+class ScreenPipeline(Protocol):
+    """What `run_screen` needs of a `Pipeline` (a protocol, so bookkeeping is testable alone)."""
+
+    digest: str
+
+    def decode(self, source: Any) -> list[Any]: ...
+
+    def ask(self, images: Any, question: str, *, max_tokens: int = ...) -> Any: ...
+
+
+@dataclass
+class ScreenSummary:
+    n_files: int = 0
+    n_items: int = 0  # asked (or failed) in this run
+    n_ok: int = 0
+    n_errors: int = 0
+    n_skipped: int = 0  # already in the output (resume)
+    n_previous_errors: int = 0  # error lines kept from before (resume without retry)
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def items_per_min(self) -> float:
+        return 60.0 * self.n_items / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every item in the output succeeded, 3 when some ended in an error."""
+        return 3 if self.n_errors or self.n_previous_errors else 0
+
+    def to_dict(self) -> dict:
+        return {
+            "files": self.n_files,
+            "items": self.n_items,
+            "ok": self.n_ok,
+            "errors": self.n_errors,
+            "skipped": self.n_skipped,
+            "previous_errors": self.n_previous_errors,
+            "seconds": round(self.seconds, 2),
+            "items_per_min": round(self.items_per_min, 2),
+        }
+
+
+@dataclass
+class Progress:
+    """Callbacks a caller may give `run_screen` (e.g. a progress bar). The total starts at
+    files x questions; `add_total(n)` corrects it as the run learns more (n > 0: frames of a
+    multi-frame file; n < 0: items already done in a resumed output). `advance(1, line)` follows
+    each written line."""
+
+    add_total: Callable[[int], None] = lambda n: None
+    advance: Callable[[int, dict], None] = lambda n, line: None
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _error_text(e: BaseException) -> str:
+    if isinstance(e, ImageError):
+        return e.reason
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text}"
+
+
+def run_screen(
+    pipeline: ScreenPipeline,
+    files: Sequence[Path],
+    questions: Sequence[Question],
+    results: ResultsFile,
+    *,
+    task: str,
+    max_tokens: int = 256,
+    progress: Progress | None = None,
+    extra_fields: Mapping[str, Any] | None = None,
+) -> ScreenSummary:
+    """Ask every question about every frame of every file, appending one line per item.
+
+    Lines: id, path, frame, image_sha256, task, question (as asked), question_id, options,
+    answer, error (None when ok), timings (ms; decode_ms on the first item of a file),
+    n_image_tokens, n_prompt_tokens, n_generated, stop_reason, cached_prefix, bundle_digest,
+    plus `extra_fields` (e.g. which vision backend and GGUF ran).
+    """
+    if task not in TASKS:
+        raise ScreenError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    prog = progress or Progress()
+    summary = ScreenSummary(n_files=len(files), n_previous_errors=results.n_existing_errors)
+    extra = dict(extra_fields or {})
+    t_start = time.perf_counter()
+
+    def line(path: Path, sha: str | None, frame: int | None, q: Question, **values: Any) -> dict:
+        rec = {
+            "id": item_id(path, sha, frame, q.prompt),
+            "path": str(path),
+            "frame": frame,
+            "image_sha256": sha,
+            "task": task,
+            "question": q.prompt,
+            "question_id": q.qid,
+            "options": q.options,
+            "answer": None,
+            "error": None,
+            "timings": {},
+            "bundle_digest": pipeline.digest,
+        }
+        rec.update(values)
+        rec.update(extra)
+        return rec
+
+    def write(rec: dict) -> None:
+        results.append(rec)
+        summary.n_items += 1
+        if rec["error"] is None:
+            summary.n_ok += 1
+        else:
+            summary.n_errors += 1
+            if len(summary.errors) < 20:
+                summary.errors.append(f"{rec['path']}: {rec['error']}")
+        prog.advance(1, rec)
+
+    for path in files:
+        nq = len(questions)
+        t_file = time.perf_counter()
+        try:
+            sha: str | None = _file_sha256(path)
+        except OSError as e:
+            sha = None
+            read_error: str | None = f"cannot read the file ({e.strerror or e})"
+        else:
+            read_error = None
+        try:
+            n_frames = read_header(path).frames if read_error is None else 1
+        except ImageError:
+            n_frames = 1  # decoding below reports the reason
+        header_frames: list[int | None] = [None] if n_frames <= 1 else list(range(n_frames))
+        if len(header_frames) > 1:
+            prog.add_total((len(header_frames) - 1) * nq)
+        pending = [
+            (f, q)
+            for f in header_frames
+            for q in questions
+            if item_id(path, sha, f, q.prompt) not in results.done
+        ]
+        skipped = len(header_frames) * nq - len(pending)
+        summary.n_skipped += skipped
+        if skipped:  # done before: not work of this run (keeps the ETA honest)
+            prog.add_total(-skipped)
+        if not pending:
+            continue
+        if read_error is not None:
+            for f, q in pending:
+                write(line(path, sha, f, q, error=read_error))
+            continue
+        try:
+            frames = pipeline.decode(path)
+        except (ImageError, ValueError, MemoryError, OSError) as e:
+            for f, q in pending:
+                write(line(path, sha, f, q, error=_error_text(e)))
+            continue
+        decode_ms = 1000.0 * (time.perf_counter() - t_file)
+        decoded_frames = [im.frame for im in frames]
+        if decoded_frames != header_frames:  # header and decoder disagree on frames: trust the decoder
+            prog.add_total((len(decoded_frames) - len(header_frames)) * nq)
+        first = True
+        for image in frames:
+            for q in questions:
+                rid = item_id(path, sha, image.frame, q.prompt)
+                if rid in results.done:
+                    continue
+                try:
+                    answer = pipeline.ask(image, q.prompt, max_tokens=max_tokens)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:  # one item's failure must not stop the batch
+                    write(line(path, sha, image.frame, q, error=_error_text(e)))
+                    continue
+                timings = dict(answer.timings)
+                timings["decode_ms"] = decode_ms if first else 0.0
+                first = False
+                write(
+                    line(
+                        path,
+                        sha,
+                        image.frame,
+                        q,
+                        answer=answer.text,
+                        timings={k: round(v, 2) for k, v in timings.items()},
+                        n_image_tokens=answer.n_image_tokens,
+                        n_prompt_tokens=answer.n_prompt_tokens,
+                        n_generated=answer.n_generated,
+                        stop_reason=answer.stop_reason,
+                        cached_prefix=answer.cached_prefix,
+                    )
+                )
+    summary.seconds = time.perf_counter() - t_start
+    return summary

@@ -1,0 +1,375 @@
+"""Vision backends: normalised tiles [T, 3, S, S] -> tile embeddings [T, n, d], one small interface.
+
+Backends: ONNX Runtime on CPU, ONNX Runtime with CUDA, TensorRT (engine from the bundle, built on
+first use when missing or stale for this GPU/TensorRT; `eyecare_edge.tensorrt_runtime`), and
+OpenVINO on request. `open_vision(..., backend="auto")` tries TensorRT, ONNX Runtime CUDA, ONNX
+Runtime CPU in that order (fastest first on any machine that has them) and says which one it
+took and why the others were skipped.
+
+Every backend reads files of the bundle; `open_vision` hands the manifest entries it is about to
+load to a `check` callback first, so the pipeline verifies exactly the files it uses (and a
+corrupt file is reported by name rather than as an obscure parser error).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from eyecare_edge.bundle import BundleError, FileEntry, Manifest, Problem
+
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "image_embeds"
+BACKENDS = ("auto", "tensorrt", "ort-cuda", "openvino", "ort-cpu")
+AUTO_ORDER = ("tensorrt", "ort-cuda", "ort-cpu")
+# Vision precisions a bundle may hold; `int8_u8s8` is the ONNX Runtime CPU-fast INT8 variant
+# (uint8 activations), `int8` the symmetric Q/DQ graph TensorRT builds from.
+PRECISIONS = ("fp32", "fp16", "int8", "int8_u8s8")
+
+FileCheck = Callable[[Sequence[FileEntry]], None]
+
+
+class VisionError(Exception):
+    """A vision backend that cannot load or run; the message says which and why."""
+
+
+class VisionEncoder(Protocol):
+    """What the pipeline needs from a backend. `width` is the embedding width d when the backend
+    knows it before running (a static graph output), else None."""
+
+    name: str
+    precision: str
+    width: int | None
+
+    def encode(self, tiles: np.ndarray) -> np.ndarray: ...
+
+
+def validate_tiles(tiles: np.ndarray) -> np.ndarray:
+    """float32 C-contiguous [T, 3, S, S]; anything else is a VisionError naming the shape."""
+    if tiles.ndim != 4 or tiles.shape[1] != 3 or tiles.shape[0] < 1:
+        raise VisionError(f"tiles must be [T>=1, 3, S, S], got {tiles.shape}")
+    return np.ascontiguousarray(tiles, dtype=np.float32)
+
+
+def default_threads() -> int:
+    """Physical cores: hyper-threads slow matrix kernels down rather than up."""
+    from eyecare_edge.llm import physical_cores
+
+    return physical_cores()
+
+
+# ---------------------------------------------------------------------------------------------
+# Verified file digests, remembered per process
+# ---------------------------------------------------------------------------------------------
+
+
+class DigestMemo:
+    """sha256 of files, remembered by (real path, size, mtime_ns).
+
+    Hashing a 2 GB GGUF takes seconds; a server that reloads a pipeline, or a screen run that
+    opens several, should pay for it once per file version. A file that is rewritten gets a new
+    mtime (or size) and is hashed again. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[tuple, str] = {}
+        self._lock = threading.Lock()
+
+    def digest(self, paths: Sequence[Path], compute: Callable[[], str], kind: str = "sha256") -> str:
+        key = (kind, *(_stat_key(p) for p in paths))
+        with self._lock:
+            hit = self._known.get(key)
+        if hit is not None:
+            return hit
+        value = compute()
+        with self._lock:
+            self._known[key] = value
+        return value
+
+    def sha256(self, path: Path) -> str:
+        return self.digest([path], lambda: _sha256(path))
+
+
+def _stat_key(path: Path) -> tuple:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return (str(path), None, None)
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+# One per process: the digest of a file version never changes, so sharing it is safe.
+DIGESTS = DigestMemo()
+
+
+def verify_entries(bundle: str | os.PathLike[str], entries: Sequence[FileEntry]) -> None:
+    """Raise BundleError naming every file of `entries` whose size or sha256 differs from the
+    manifest (digests remembered in `DIGESTS`)."""
+    root = Path(bundle)
+    problems: list[Problem] = []
+    for entry in entries:
+        full = root / entry.path
+        if not full.is_file():
+            problems.append(Problem(entry.path, "missing"))
+            continue
+        size = full.stat().st_size
+        if size != entry.size:
+            problems.append(Problem(entry.path, f"size {size} differs from the manifest's {entry.size}"))
+        elif DIGESTS.sha256(full) != entry.sha256:
+            problems.append(Problem(entry.path, "sha256 differs from the manifest (file changed or corrupt)"))
+    if problems:
+        listing = "; ".join(str(p) for p in problems)
+        raise BundleError(f"{bundle}: bundle does not match its manifest: {listing}")
+
+
+def onnx_files(manifest: Manifest, entry: FileEntry) -> list[FileEntry]:
+    """An ONNX entry plus its external-data entry (`<name>.data`) when the manifest lists one."""
+    data = entry.path + ".data"
+    return [entry] + [f for f in manifest.files if f.path == data]
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------
+
+
+class OnnxRuntimeVision:
+    """ONNX Runtime session on CPU or CUDA. `session.run` is thread-safe, so encode is too."""
+
+    def __init__(
+        self, onnx_path: Path, *, precision: str, device: str = "cpu", threads: int | None = None
+    ) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise VisionError(
+                "onnxruntime is not installed: pip install 'eyecare-edge[cpu]' (or [gpu])"
+            ) from e
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or default_threads()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise VisionError(
+                    "ONNX Runtime has no CUDA provider here (install onnxruntime-gpu instead of onnxruntime)"
+                )
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise VisionError(f"{onnx_path}: ONNX Runtime cannot load it ({e})") from e
+        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise VisionError("ONNX Runtime could not initialise CUDA (driver/CUDA/cuDNN mismatch?)")
+        names_in = [i.name for i in self.session.get_inputs()]
+        names_out = [o.name for o in self.session.get_outputs()]
+        if INPUT_NAME not in names_in or OUTPUT_NAME not in names_out:
+            raise VisionError(
+                f"{onnx_path}: expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, "
+                f"found inputs {names_in} and outputs {names_out}"
+            )
+        out = next(o for o in self.session.get_outputs() if o.name == OUTPUT_NAME)
+        self.width = out.shape[-1] if isinstance(out.shape[-1], int) else None
+        self.name = f"onnxruntime-{device}"
+        self.precision = precision
+        self.threads = opts.intra_op_num_threads
+
+    def encode(self, tiles: np.ndarray) -> np.ndarray:
+        out = self.session.run([OUTPUT_NAME], {INPUT_NAME: validate_tiles(tiles)})[0]
+        return np.asarray(out, dtype=np.float32)
+
+
+class OpenVinoVision:
+    """OpenVINO reading the same ONNX (optional extra `openvino`); BF16/INT8 kernels where the CPU
+    has them. Asked for by name only (`backend="openvino"`); `auto` does not try it."""
+
+    def __init__(self, onnx_path: Path, *, precision: str, threads: int | None = None) -> None:
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise VisionError("OpenVINO is not installed: pip install 'eyecare-edge[openvino]'") from e
+        core = ov.Core()
+        config = {"INFERENCE_NUM_THREADS": threads or default_threads(), "PERFORMANCE_HINT": "LATENCY"}
+        try:
+            self.model = core.compile_model(str(onnx_path), "CPU", config)
+        except Exception as e:
+            raise VisionError(f"{onnx_path}: OpenVINO cannot compile it ({e})") from e
+        self._lock = threading.Lock()  # one infer request: serialise its use
+        self.request = self.model.create_infer_request()
+        self.name = "openvino-cpu"
+        self.precision = precision
+        self.width = None
+
+    def encode(self, tiles: np.ndarray) -> np.ndarray:
+        with self._lock:
+            result = self.request.infer({INPUT_NAME: validate_tiles(tiles)})
+            return np.array(result[self.model.output(OUTPUT_NAME)], dtype=np.float32)
+
+
+@dataclass
+class VisionChoice:
+    """What `open_vision` took, and why the faster options were skipped."""
+
+    encoder: VisionEncoder
+    skipped: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line: the backend and precision taken, and the first sentence of each skip reason."""
+        why = f" (skipped {'; '.join(_first_sentence(s) for s in self.skipped)})" if self.skipped else ""
+        return f"vision: {self.encoder.name} {self.encoder.precision}{why}"
+
+
+def _first_sentence(text: str, limit: int = 120) -> str:
+    head = text.split(". ", 1)[0]
+    return head if len(head) <= limit else head[: limit - 3] + "..."
+
+
+def _onnx_entry(manifest: Manifest, precision: str) -> FileEntry:
+    entry = manifest.find("vision", format="onnx", precision=precision)
+    if entry is None:
+        have = ", ".join(manifest.precisions("vision", "onnx")) or "none"
+        raise VisionError(f"bundle has no {precision} vision ONNX (it has: {have})")
+    return entry
+
+
+def validated(manifest: Manifest, precision: str) -> bool:
+    """False only when export recorded a failed check for this vision precision."""
+    check = manifest.validation.get(f"vision_{precision}")
+    return check is None or bool(check.get("passed", True))
+
+
+def cpu_precision_order(manifest: Manifest) -> list[str]:
+    """Fastest first among what the bundle holds and export did not fail (INT8 U8S8 is ORT's
+    fast path on x86; S8S8 next; FP32 last; FP16 runs slowly on CPUs and is never chosen)."""
+    have = set(manifest.precisions("vision", "onnx"))
+    return [p for p in ("int8_u8s8", "int8", "fp32") if p in have and validated(manifest, p)]
+
+
+def open_vision(
+    bundle: str | os.PathLike[str],
+    manifest: Manifest,
+    *,
+    precision: str = "auto",
+    backend: str = "auto",
+    threads: int | None = None,
+    device: int = 0,
+    build_engine: bool = True,
+    check: FileCheck | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> VisionChoice:
+    """Open the vision encoder of `bundle`.
+
+    precision: fp32 | fp16 | int8 | int8_u8s8 | auto (GPU: fp16; CPU: the fastest validated
+    INT8 variant, else fp32). backend: auto | tensorrt | ort-cuda | openvino | ort-cpu.
+    threads: CPU threads (ONNX Runtime intra-op, OpenVINO); None = physical cores.
+    device: GPU ordinal (TensorRT). build_engine: let TensorRT build a missing or stale engine
+    into the bundle (False: fail instead). check: called with the manifest entries a backend is
+    about to read, before it reads them (raise to refuse). progress: one-line notices of slow
+    steps (a first-use TensorRT build).
+    """
+    if backend not in BACKENDS:
+        raise VisionError(f"unknown vision backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if precision != "auto" and precision not in PRECISIONS:
+        raise VisionError(f"unknown vision precision {precision!r}; known: auto, {', '.join(PRECISIONS)}")
+    root = Path(bundle)
+    order = AUTO_ORDER if backend == "auto" else (backend,)
+    skipped: list[str] = []
+    for name in order:
+        try:
+            encoder = _open_one(
+                name, root, manifest, precision, threads, device, build_engine, check, progress
+            )
+            return VisionChoice(encoder, skipped)
+        except VisionError as e:
+            if backend != "auto":
+                raise
+            skipped.append(f"{name}: {e}")
+    raise VisionError("no vision backend could load: " + "; ".join(skipped))
+
+
+def _open_one(
+    name: str,
+    root: Path,
+    manifest: Manifest,
+    precision: str,
+    threads: int | None,
+    device: int,
+    build_engine: bool,
+    check: FileCheck | None,
+    progress: Callable[[str], None] | None,
+) -> VisionEncoder:
+    if name == "tensorrt":
+        from eyecare_edge import tensorrt_runtime as trt_rt
+
+        p = "fp16" if precision == "auto" else precision
+        try:
+            return trt_rt.open_tensorrt_vision(
+                root, manifest, p, device=device, build=build_engine, check=check, progress=progress
+            )
+        except trt_rt.TensorRTError as e:
+            raise VisionError(str(e)) from e
+    if name == "ort-cuda":
+        p = "fp16" if precision == "auto" else precision
+        entry = _onnx_entry(manifest, p)
+        _available_ort_cuda()
+        if check is not None:
+            check(onnx_files(manifest, entry))
+        return OnnxRuntimeVision(root / entry.path, precision=p, device="cuda", threads=threads)
+    candidates = cpu_precision_order(manifest) if precision == "auto" else [precision]
+    if not candidates:
+        raise VisionError("bundle has no validated CPU vision ONNX")
+    p = candidates[0]
+    entry = _onnx_entry(manifest, p)
+    if check is not None:
+        check(onnx_files(manifest, entry))
+    path = root / entry.path
+    if name == "openvino":
+        return OpenVinoVision(path, precision=p, threads=threads)
+    return OnnxRuntimeVision(path, precision=p, device="cpu", threads=threads)
+
+
+def _available_ort_cuda() -> None:
+    """Fail fast (before hashing files) where ONNX Runtime has no CUDA provider."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise VisionError("onnxruntime is not installed") from e
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise VisionError(
+            "ONNX Runtime has no CUDA provider here (install onnxruntime-gpu instead of onnxruntime)"
+        )
+
+
+def newline_entry(manifest: Manifest) -> FileEntry:
+    entry = manifest.find("extra", format="npy")
+    if entry is None:
+        raise BundleError("manifest lists no image_newline .npy")
+    return entry
+
+
+def load_newline(bundle: str | os.PathLike[str], manifest: Manifest) -> np.ndarray:
+    """The learned `image_newline` vector, float32 [d]."""
+    entry = newline_entry(manifest)
+    try:
+        newline = np.load(Path(bundle) / entry.path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{bundle}: {entry.path}: unreadable .npy ({e})") from e
+    return np.ascontiguousarray(newline, dtype=np.float32).reshape(-1)

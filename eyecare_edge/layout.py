@@ -39,9 +39,15 @@ def bilinear_resize(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     # Same association as torch's CPU kernel: blend along width within each source row, then
     # blend the two rows (keeps results equal to ~1e-7, not just ~1e-5).
     wx0, wx1 = (1 - lx)[None, :, None], lx[None, :, None]
-    row0 = xf[y0][:, x0] * wx0 + xf[y0][:, x1] * wx1
-    row1 = xf[y1][:, x0] * wx0 + xf[y1][:, x1] * wx1
-    return row0 * (1 - ly)[:, None, None] + row1 * ly[:, None, None]
+    top, bottom = xf[y0], xf[y1]  # gather each source row set once
+    row0 = top[:, x0] * wx0
+    row0 += top[:, x1] * wx1
+    row1 = bottom[:, x0] * wx0
+    row1 += bottom[:, x1] * wx1
+    row0 *= (1 - ly)[:, None, None]
+    row1 *= ly[:, None, None]
+    row0 += row1
+    return row0
 
 
 def layout_image(embeds: np.ndarray, plan: TilePlan, newline: np.ndarray) -> np.ndarray:

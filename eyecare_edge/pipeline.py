@@ -116,7 +116,7 @@ class PipelineOptions:
     kv_type: str = "f16"
     flash_attn: bool = False
     n_batch: int = 512
-    repack: bool = True
+    repack: bool = False
     fundus_crop: bool = False
     max_tiles: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS

@@ -1,0 +1,463 @@
+"""Run a training stage (`align` or `sft`) with the HF Trainer: one process, DDP or DeepSpeed.
+
+`run_training(TrainOptions)` is what `eyecare-edge train` calls, in every process that torchrun
+starts. It loads the checkpoint, sets the stage's trainable parts (`training.stages`), builds the
+dataset (`training.data`) and lets `transformers.Trainer` do the loop: cosine schedule with warmup,
+gradient accumulation, gradient checkpointing, bf16 where the GPU has it, checkpoints every
+`save_steps` with optimizer state, resume from the last one, `trainer_state.json` with the loss
+history. At the end the main process writes the final checkpoint into `out` as a plain HF
+directory (LoRA merged) that `load_checkpoint` and `eyecare-edge export` read.
+
+The TrainingArguments are built before the model is loaded: with a DeepSpeed ZeRO-3 config this
+makes `from_pretrained` partition the weights while loading instead of materialising the whole
+model in every process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from eyecare_edge.training.checkpoint import load_checkpoint, read_config
+from eyecare_edge.training.collate import EyecareCollator, pop_meta
+from eyecare_edge.training.data import EyecareDataset, SkipLog, filter_tasks, read_conversations
+from eyecare_edge.training.encoding import IGNORE_INDEX
+from eyecare_edge.training.stages import STAGES, LoraSettings, configure_stage, merge_lora_state_dict
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from eyecare_edge.preprocess import BUDGETS, apply_budget
+
+log = logging.getLogger("eyecare_edge.training")
+
+TASKS = ("closed", "open", "report")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# Recommended learning rates (LLaVA-NeXT / Dense Connector recipes for a 4B-8B LLM).
+DEFAULT_LR = {"align": 1e-3, "sft": 2e-5, "sft-lora": 2e-4}
+
+
+class TrainingError(Exception):
+    """A run that cannot start or finish; the message says what to change."""
+
+
+@dataclass
+class TrainOptions:
+    """Everything `eyecare-edge train` takes; YAML keys and CLI options have the same names."""
+
+    init: str
+    data: str
+    out: str
+    stage: str = "sft"
+    images_root: str | None = None
+    max_steps: int | None = None
+    epochs: float | None = None  # neither max_steps nor epochs: 1 epoch
+    lr: float | None = None  # None: DEFAULT_LR for the stage
+    connector_lr: float | None = None  # None: lr
+    batch_size: int = 4
+    grad_accum: int = 1
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.05
+    train_vision: bool = False
+    max_length: int | None = None  # None: the LLM's context, at most 4096
+    warmup: float = 0.03  # < 1: share of the steps; >= 1: steps
+    weight_decay: float = 0.0
+    gradient_checkpointing: bool = False
+    precision: str = "auto"
+    dtype: str = "float32"  # weights as loaded (bf16 halves memory for big models on GPU)
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    logging_steps: int = 10
+    seed: int = 0
+    resume: bool | None = None  # None: resume when `out` holds checkpoint-* directories
+    deepspeed: str | None = None
+    num_workers: int = 0
+    tasks: list[str] | None = None
+    max_samples: int | None = None
+    cache_mb: float = 1024.0
+    # Token budget (eyecare_edge.preprocess.BUDGETS) written into the trained checkpoint, so
+    # export and the runtime use the same tiling; None keeps the checkpoint's own.
+    budget: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise TrainingError(f"unknown stage {self.stage!r}; expected one of {', '.join(STAGES)}")
+        if self.lora_r is not None and self.stage != "sft":
+            raise TrainingError("--lora-r applies to the sft stage (align trains only the connector)")
+        if self.lora_r is not None and self.lora_r < 1:
+            raise TrainingError(f"--lora-r must be >= 1, got {self.lora_r}")
+        if self.max_steps is not None and self.epochs is not None:
+            raise TrainingError("give --max-steps or --epochs, not both")
+        if self.precision not in PRECISIONS:
+            raise TrainingError(
+                f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}"
+            )
+        if self.tasks is not None:
+            if isinstance(self.tasks, str):
+                self.tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
+            bad = [t for t in self.tasks if t not in TASKS]
+            if bad or not self.tasks:
+                raise TrainingError(f"unknown task(s) {bad}; expected some of {', '.join(TASKS)}")
+        for name in ("batch_size", "grad_accum", "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.budget is not None and self.budget not in BUDGETS:
+            raise TrainingError(f"unknown token budget {self.budget!r}; known: {', '.join(BUDGETS)}")
+        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
+            raise TrainingError(f"DeepSpeed config not found: {self.deepspeed}")
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return float(self.lr)
+        return DEFAULT_LR["sft-lora" if self.stage == "sft" and self.lora_r else self.stage]
+
+    @property
+    def lora(self) -> LoraSettings | None:
+        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout) if self.lora_r else None
+
+
+OPTION_NAMES = tuple(f.name for f in fields(TrainOptions))
+
+
+def read_yaml_options(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Options from a YAML mapping; keys are the CLI option names (dashes or underscores)."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TrainingError(f"{p}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise TrainingError(f"{p}: bad YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TrainingError(f"{p}: the config must be a mapping of option: value")
+    out = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(out) - set(OPTION_NAMES))
+    if unknown:
+        raise TrainingError(f"{p}: unknown option(s) {unknown}; known: {', '.join(OPTION_NAMES)}")
+    return out
+
+
+def resolve_options(config_file: str | os.PathLike[str] | None = None, **given: Any) -> TrainOptions:
+    """Options from an optional YAML file overridden by the given (non-None) values: CLI wins."""
+    merged = read_yaml_options(config_file) if config_file else {}
+    merged.update({k: v for k, v in given.items() if v is not None})
+    missing = [k for k in ("init", "data", "out") if merged.get(k) in (None, "")]
+    if missing:
+        raise TrainingError(f"missing required option(s): {', '.join('--' + m for m in missing)}")
+    return TrainOptions(**merged)
+
+
+# --- TrainingArguments -----------------------------------------------------------------------------
+
+
+def mixed_precision(precision: str) -> tuple[bool, bool]:
+    """(bf16, fp16) flags: `auto` means bf16 on a GPU that has it, fp32 elsewhere (CPU autocast
+    in bf16 is slower than fp32 on most CPUs)."""
+    if precision == "auto":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()), False
+    return precision == "bf16", precision == "fp16"
+
+
+def training_arguments_kwargs(opts: TrainOptions, *, progress: bool = True) -> dict[str, Any]:
+    """The TrainingArguments for `opts`, as keyword arguments (pure: testable without a run)."""
+    bf16, fp16 = mixed_precision(opts.precision)
+    epochs = opts.epochs if opts.epochs is not None else 1.0
+    return {
+        "output_dir": str(opts.out),
+        "per_device_train_batch_size": opts.batch_size,
+        "gradient_accumulation_steps": opts.grad_accum,
+        "learning_rate": opts.learning_rate,
+        "weight_decay": opts.weight_decay,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": opts.warmup if opts.warmup < 1 else int(opts.warmup),
+        "max_steps": opts.max_steps if opts.max_steps is not None else -1,
+        "num_train_epochs": float(epochs),
+        "logging_steps": opts.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps",
+        "save_steps": opts.save_steps,
+        "save_total_limit": opts.save_total_limit,
+        "seed": opts.seed,
+        "bf16": bf16,
+        "fp16": fp16,
+        "activation_checkpointing": opts.gradient_checkpointing,
+        "activation_checkpointing_kwargs": {"use_reentrant": False} if opts.gradient_checkpointing else None,
+        # Our forward takes tensors the Trainer does not know (pixel_values, image_sizes, ...).
+        "remove_unused_columns": False,
+        "label_names": ["labels"],
+        "report_to": "none",
+        "dataloader_num_workers": opts.num_workers,
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        # Every trainable part is used in every step (all samples carry images); the vision tower,
+        # when frozen, has no gradients at all, so DDP need not search for unused parameters.
+        "ddp_find_unused_parameters": False,
+        "deepspeed": opts.deepspeed,
+        # Without use_cpu, TrainingArguments on a CUDA-less machine under torchrun initialises the
+        # process group but trains every process alone (DistributedType.NO); with it, accelerate
+        # sets up MULTI_CPU DDP over gloo.
+        "use_cpu": not torch.cuda.is_available() and opts.deepspeed is None,
+        "disable_tqdm": not progress,
+        "save_only_model": False,
+    }
+
+
+# --- the Trainer ---------------------------------------------------------------------------------
+
+
+class EyecareTrainer(Trainer):
+    """HF Trainer that pops our bookkeeping keys, counts samples and skips, and can give the
+    connector its own learning rate (LLaVA's `mm_projector_lr`)."""
+
+    def __init__(self, *args: Any, skips: SkipLog, connector_lr: float | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.skips = skips
+        self.connector_lr = connector_lr
+        self.samples_seen = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Next-token cross-entropy on the supervised positions only.
+
+        Logits are computed only where the next token is supervised (`logits_to_keep` with the
+        positions): a few answer tokens per turn against hundreds of image and prompt positions,
+        which saves the LM head's compute and the [batch, length, vocab] logits memory. The loss
+        is the same as the model's own (mean over supervised tokens; normalised by
+        `num_items_in_batch` under gradient accumulation, as the Trainer expects).
+        """
+        meta = pop_meta(inputs)
+        if model.training:
+            self.samples_seen += len(meta.get("sample_ids", ()))
+        for sample_id, reason in meta.get("skipped", ()):
+            self.skips.add(sample_id, reason)
+        labels = inputs.pop("labels")
+        targets = labels[:, 1:]
+        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+        logits = outputs.logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            targets[:, keep].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        if num_items_in_batch is not None:
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        else:
+            loss = loss / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        opt_model = self.model if model is None else model
+        if self.optimizer is None and self.connector_lr is not None:
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+            for name, p in opt_model.named_parameters():
+                if p.requires_grad:
+                    conn = name.startswith(("connector.", "image_newline")) or ".connector." in name
+                    groups.setdefault((conn, name in decay), []).append(p)
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            param_groups = [
+                {
+                    "params": ps,
+                    "weight_decay": self.args.weight_decay if dec else 0.0,
+                    "lr": self.connector_lr if conn else self.args.learning_rate,
+                }
+                for (conn, dec), ps in groups.items()
+            ]
+            self.optimizer = cls(param_groups, **kwargs)
+        return super().create_optimizer(model)
+
+
+class _LogLastStep(TrainerCallback):
+    """Log at the last step too, so `trainer_state.json` ends with the final loss."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    out: str
+    stage: str
+    global_step: int
+    samples_seen: int
+    skipped: int
+    skip_reasons: dict[str, int]
+    final_loss: float | None
+    seconds: float
+    resumed_from: int | None
+    trainable: str
+    world_size: int = 1
+    n_samples: int = 0
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "n/a"
+        skipped = f"{self.skipped} skipped"
+        if self.skip_reasons:
+            skipped += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.skip_reasons.items())) + ")"
+        resumed = f", resumed from step {self.resumed_from}" if self.resumed_from else ""
+        return (
+            f"{self.stage}: {self.samples_seen} samples seen, {skipped}, {self.global_step} steps{resumed}, "
+            f"final loss {loss}, {self.seconds:.1f} s -> {self.out}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _default_max_length(init: str) -> int:
+    cfg = read_config(init)
+    n = getattr(cfg.text_config, "max_position_embeddings", None) or 4096
+    # Phi-3.5 switches LongRoPE factors above 4096 (see ANCHORS.md): stay at or below it.
+    return int(min(n, 4096))
+
+
+def _gather_skips(skips: SkipLog) -> dict[str, str]:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return dict(skips.reasons)
+    parts: list[dict[str, str] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, dict(skips.reasons))
+    merged: dict[str, str] = {}
+    for p in parts:
+        merged.update(p or {})
+    return merged
+
+
+def _sum_across_ranks(value: int) -> int:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    parts: list[int | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, int(value))
+    return int(sum(p or 0 for p in parts))
+
+
+def run_training(opts: TrainOptions, *, progress: bool = True) -> TrainResult:
+    """Train one stage and write the final checkpoint to `opts.out` (main process)."""
+    t0 = time.perf_counter()
+    out = Path(opts.out)
+    if opts.max_length is None:
+        opts.max_length = _default_max_length(opts.init)
+    resume_from = None
+    if opts.resume is not False and out.is_dir():
+        resume_from = get_last_checkpoint(str(out))
+    if opts.resume is True and resume_from is None:
+        log.warning("--resume: no checkpoint-* directory in %s; starting from %s", out, opts.init)
+
+    args = TrainingArguments(**training_arguments_kwargs(opts, progress=progress))
+    is_main = args.process_index == 0
+
+    model, tokenizer = load_checkpoint(opts.init, dtype=opts.dtype)
+    model.train()
+    if opts.budget is not None:
+        model.config.preprocess = apply_budget(model.config.preprocess_config(), opts.budget).to_dict()
+    plan = configure_stage(model, opts.stage, train_vision=opts.train_vision, lora=opts.lora)
+    if is_main:
+        log.info("%s", plan.describe())
+    if tokenizer.pad_token_id is None:
+        raise TrainingError(f"{opts.init}: the tokenizer has no pad token")
+
+    conversations = read_conversations(opts.data, images_root=opts.images_root)
+    if opts.tasks:
+        conversations = filter_tasks(conversations, opts.tasks)
+    if opts.max_samples is not None:
+        conversations = conversations[: opts.max_samples]
+    dataset = EyecareDataset(
+        conversations,
+        tokenizer,
+        model.config,
+        max_length=opts.max_length,
+        cache_mb=opts.cache_mb,
+        quiet=not is_main,
+    )
+    if len(dataset) == 0:
+        raise TrainingError(
+            f"{opts.data}: no usable samples ({len(dataset.skips)} of {dataset.n_records} skipped: "
+            f"{dataset.skips.by_reason()})"
+        )
+    if is_main:
+        log.info(
+            "%d samples from %s (%d skipped before training)", len(dataset), opts.data, len(dataset.skips)
+        )
+        if args.world_size > 1:
+            backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "deepspeed"
+            log.info("distributed: %d processes, backend %s", args.world_size, backend)
+
+    if any(not c.images for c in dataset.items):
+        # A text-only batch leaves the connector without gradients: let DDP look for that.
+        args.ddp_find_unused_parameters = True
+
+    trainer = EyecareTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=EyecareCollator(pad_token_id=int(tokenizer.pad_token_id)),
+        processing_class=tokenizer,
+        skips=dataset.skips,
+        connector_lr=opts.connector_lr,
+        callbacks=[_LogLastStep()],
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_state()
+
+    # Full weights (ZeRO-3: gathered), LoRA folded in, written once as a plain checkpoint.
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.is_world_process_zero():
+        if plan.lora_scaling:
+            state = merge_lora_state_dict(state, plan.lora_scaling)
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        unwrapped.save_pretrained(out, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    trainer.accelerator.wait_for_everyone()
+
+    skips = _gather_skips(dataset.skips)
+    samples_seen = _sum_across_ranks(trainer.samples_seen)
+    history = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
+    reasons: dict[str, int] = {}
+    for r in skips.values():
+        key = r.split(":", 1)[0]
+        reasons[key] = reasons.get(key, 0) + 1
+    result = TrainResult(
+        out=str(out),
+        stage=opts.stage,
+        global_step=int(trainer.state.global_step),
+        samples_seen=samples_seen,
+        skipped=len(skips),
+        skip_reasons=reasons,
+        final_loss=history[-1][1] if history else None,
+        seconds=time.perf_counter() - t0,
+        resumed_from=_step_of(resume_from),
+        trainable=plan.describe(),
+        world_size=args.world_size,
+        n_samples=len(dataset),
+        loss_history=history,
+    )
+    if trainer.is_world_process_zero():
+        (out / "train_result.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    return result
+
+
+def _step_of(checkpoint: str | None) -> int | None:
+    if checkpoint is None:
+        return None
+    try:
+        return int(Path(checkpoint).name.rsplit("-", 1)[-1])
+    except ValueError:
+        return None

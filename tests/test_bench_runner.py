@@ -66,6 +66,12 @@ def test_bench_cli_reference_and_variants_then_resume(assets, tmp_path):
     }
     assert ref.keys() == f32.keys()
     assert sum(ref[k] == f32[k] for k in ref) / len(ref) >= 0.98
+    # timings are seconds under `_s` names, and the stages add up to no more than the total
+    timings = json.loads((out / "results/bundle_vision-fp32_llm-f32.jsonl").read_text().splitlines()[0])[
+        "timings"
+    ]
+    assert timings and all(k.endswith("_s") for k in timings), timings
+    assert 0 < timings["prefill_s"] <= timings["total_s"]
     # a second run answers nothing again and rewrites the same report
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output

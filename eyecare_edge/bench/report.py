@@ -319,7 +319,7 @@ def render_markdown(
             out.append("")
     timing = _timings_table(results, systems)
     if timing:
-        out += ["## Timings", "", "Mean per item, in the units the runner recorded (seconds for `*_s`).", ""]
+        out += ["## Timings", "", "Mean seconds per item and stage, as the runner measured them.", ""]
         out += [*timing, ""]
     out += ["## Charts", ""]
     if charts:

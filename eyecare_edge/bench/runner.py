@@ -129,12 +129,17 @@ def read_system_results(path: Path, ids: set[str]) -> list[BenchResult]:
     return out
 
 
+def _seconds_key(key: str) -> str:
+    return key[: -len("_ms")] + "_s" if key.endswith("_ms") else key
+
+
 def bundle_answerer(pipeline) -> Answerer:
-    """Ask a loaded `eyecare_edge.pipeline.Pipeline` (greedy)."""
+    """Ask a loaded `eyecare_edge.pipeline.Pipeline` (greedy). Its millisecond timings become
+    seconds under `_s` names, the unit `BenchResult.timings` holds."""
 
     def answer(images: list[np.ndarray], question: str, max_tokens: int) -> tuple[str, dict[str, float]]:
         a = pipeline.ask(images, question, max_tokens=max_tokens, temperature=0.0)
-        return a.text, {k: v / 1000.0 if k.endswith("_ms") else v for k, v in a.timings.items()}
+        return a.text, {_seconds_key(k): v / 1000.0 if k.endswith("_ms") else v for k, v in a.timings.items()}
 
     return answer
 

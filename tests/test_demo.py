@@ -1,0 +1,53 @@
+"""`eyecare-edge demo` end to end on a shrunken recipe: every step runs, the report and screen files
+are written, and a second run reuses every cached step and repeats no answer."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+from click.testing import CliRunner
+
+from eyecare_edge.cli import main
+from eyecare_edge.commands import demo as demo_module
+
+
+def test_demo_runs_every_step_then_reuses_them(tmp_path, monkeypatch):
+    small = functools.partial(
+        demo_module.DemoRecipe, n_images=16, train_steps=2, train_batch=2, bench_items=4
+    )
+    monkeypatch.setattr(demo_module, "DemoRecipe", small)
+    workdir = tmp_path / "demo"
+    args = ["demo", "--workdir", str(workdir), "--threads", "2"]
+
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    state = json.loads((workdir / "demo_state.json").read_text())
+    assert set(state) == {"data", "train", "export"}
+    assert (workdir / "ckpt/tiny-trained/model.safetensors").is_file()
+    assert (workdir / "bundle/manifest.json").is_file()
+    rows = json.loads((workdir / "report/report.json").read_text())
+    accuracy = {
+        r["system"]: r
+        for r in rows
+        if r["task"] == "closed" and r["modality"] == "all" and r["metric"] == "accuracy"
+    }
+    assert set(accuracy) == {
+        "pytorch",
+        "bundle vision=fp32 llm=f16",
+        "bundle vision=int8_u8s8 llm=q4_k_m",
+    }
+    assert all(r["n"] == 4 for r in accuracy.values())
+    assert {r["task"] for r in rows} == {"closed"}  # only the task the demo trained is benched
+    screened = (workdir / "screen.jsonl").read_text().splitlines()
+    assert screened and all(json.loads(line)["error"] is None for line in screened)
+    assert "report:" in first.output and "closed-QA accuracy" in first.output
+
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 0, second.output
+    for step in ("phantom data: reusing", "trained checkpoint: reusing", "bundle: reusing"):
+        assert step in second.output
+    assert "already done" in second.output
+    assert (workdir / "screen.jsonl").read_text().splitlines() == screened
+    results = sorted((workdir / "report/results").glob("*.jsonl"))
+    assert len(results) == 3 and all(len(p.read_text().splitlines()) == 4 for p in results)

@@ -16,7 +16,6 @@ with one warning each and counted in a `SkipLog`, never allowed to stop the run.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -30,7 +29,13 @@ import torch
 from eyecare_edge.training.encoding import Encoded, EncodingError, encode_conversation
 from torch.utils.data import Dataset
 
-from eyecare_edge.bench.loaders import load_bench, normalize_modality, split_closed_question
+from eyecare_edge.bench.loaders import (
+    BenchFormatError,
+    load_bench,
+    normalize_modality,
+    read_json_records,
+    split_closed_question,
+)
 from eyecare_edge.bench.records import has_all_report_sections
 from eyecare_edge.images import ImageError, load_image, read_header
 from eyecare_edge.preprocess import (
@@ -79,27 +84,11 @@ class Conversation:
 
 
 def _read_records(path: Path) -> list[tuple[str, Any]]:
-    """(location, record) pairs of a JSON list or JSONL file."""
+    """(location, record) pairs of a JSON list or JSONL file (the bench's reader, our error type)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataFormatError(f"{path}: data file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataFormatError(f"{path}: cannot read the data file ({e})") from None
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
-        return [(f"{path}: item {i}", obj) for i, obj in enumerate(data)]
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}:{lineno}: bad JSON line: {e.msg}") from None
-    return out
+        return read_json_records(path)
+    except BenchFormatError as e:
+        raise DataFormatError(str(e)) from None
 
 
 def _resolve(paths: Sequence[str], base: Path) -> tuple[str, ...]:

@@ -136,36 +136,47 @@ def _modality_from_paths(paths: list[str]) -> str:
 _Item = tuple[str, dict[str, Any]]
 
 
-def _read_items(path: Path) -> list[_Item]:
-    """The records of a JSON-list or JSONL file, each with a location string for error messages."""
+def read_json_records(path: Path) -> list[tuple[str, Any]]:
+    """(location, value) of each record of a JSON-list or JSONL file; a pretty-printed single
+    object is a one-record file. Locations ("file:line N", "file: item N") go into error messages.
+    An unreadable file raises `BenchFormatError` naming it; the values are not checked here
+    (the training reader keeps a malformed record to skip and count it)."""
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BenchFormatError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
         raise BenchFormatError(f"{path}: not UTF-8 text ({e})") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    except OSError as e:
+        raise BenchFormatError(f"{path}: cannot read the file ({e})") from None
+    if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise BenchFormatError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
-        items = [(f"{path}: item {i}", obj) for i, obj in enumerate(data)]
-    else:
-        items = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                items.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                # A pretty-printed single object is a one-record file, not a broken JSONL.
-                if not items:
-                    try:
-                        obj = json.loads(text)
-                    except json.JSONDecodeError:
-                        obj = None
-                    if isinstance(obj, dict):
-                        return [(f"{path}:1", obj)]
-                raise BenchFormatError(f"{path}:{lineno}: bad JSON line: {e.msg}") from None
+        return [(f"{path}: item {i}", obj) for i, obj in enumerate(data)]
+    items: list[tuple[str, Any]] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append((f"{path}:{lineno}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            # A pretty-printed single object is a one-record file, not a broken JSONL.
+            if not items:
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError:
+                    obj = None
+                if isinstance(obj, dict):
+                    return [(f"{path}:1", obj)]
+            raise BenchFormatError(f"{path}:{lineno}: bad JSON line: {e.msg}") from None
+    return items
+
+
+def _read_items(path: Path) -> list[_Item]:
+    """The records of a bench file, each a JSON object with its location."""
+    items = read_json_records(path)
     for loc, obj in items:
         if not isinstance(obj, dict):
             raise BenchFormatError(f"{loc}: a record must be a JSON object, got {type(obj).__name__}")

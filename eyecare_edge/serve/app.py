@@ -1,0 +1,445 @@
+"""The FastAPI application: routes, error mapping, loading in the background.
+
+The server listens before the bundle is loaded, so `/health` can say 503 ("loading") to an
+orchestrator instead of refusing connections; the pipelines are built in a thread and attached
+to the pool when ready. A load failure is reported on `/health` and stops the server (exit 1).
+
+Every failure a client can cause is an `ApiError` (4xx with `{"error": {...}}`); anything else is
+logged and answered 500 in the same shape, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+from eyecare_edge.bundle import Manifest
+from eyecare_edge.images import ImageError
+from eyecare_edge.llm import LLMError
+from eyecare_edge.serve.errors import ApiError, error_body
+from eyecare_edge.serve.limits import (
+    BodyLimit,
+    Cancelled,
+    PipelinePool,
+    RequestTimeout,
+    bearer_token,
+    key_matches,
+)
+from eyecare_edge.serve.media import MediaPolicy, load_images
+from eyecare_edge.serve.metrics import Metrics
+from eyecare_edge.serve.openai_schema import (
+    FINISH_REASONS,
+    ChatRequest,
+    chunk_body,
+    completion_body,
+    completion_id,
+    now,
+    parse_chat_request,
+    usage,
+)
+
+log = logging.getLogger("eyecare_edge.serve")
+KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions"}
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
+
+
+@dataclass
+class ServeConfig:
+    """How the server runs (the `serve` command's options)."""
+
+    bundle: Path
+    model_id: str
+    manifest: Manifest
+    api_key: str | None = None
+    workers: int = 1
+    queue: int = 8
+    timeout_s: float = 300.0
+    max_body_bytes: int = 32 << 20
+    max_images: int = 4
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+    loopback_only: bool = True
+
+
+class ServerState:
+    """What the routes share: config, pool, metrics, loading status."""
+
+    def __init__(self, config: ServeConfig, loader: Callable[[], list[Any]]) -> None:
+        self.config = config
+        self.loader = loader
+        self.pool = PipelinePool(config.workers, config.queue, config.timeout_s)
+        self.metrics = Metrics()
+        self.status = "loading"
+        self.load_error: str | None = None
+        self.on_fatal: Callable[[], None] | None = None
+        self.prefix_cache: Any = None
+        self.n_ctx = 0
+        self.loaded = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ok"
+
+    def start_loading(self, loop: asyncio.AbstractEventLoop) -> threading.Thread:
+        def work() -> None:
+            try:
+                pipes = self.loader()
+            except Exception as e:
+                log.error("loading %s failed: %s", self.config.bundle, e)
+                loop.call_soon_threadsafe(self._failed, str(e))
+                return
+            loop.call_soon_threadsafe(self._loaded, pipes)
+
+        thread = threading.Thread(target=work, name="bundle-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def _loaded(self, pipes: list[Any]) -> None:
+        self.pool.attach(pipes)
+        self.prefix_cache = getattr(pipes[0], "prefix_cache", None)
+        self.n_ctx = pipes[0].lm.n_ctx
+        self.loaded = pipes[0].describe()
+        self.status = "ok"
+        log.info("ready: %d pipeline(s); %s", len(pipes), self.loaded)
+
+    def _failed(self, message: str) -> None:
+        self.status = "error"
+        self.load_error = message
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        for pipe in self.pool.pipelines:
+            with contextlib.suppress(Exception):
+                pipe.close()
+
+
+def _error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _static_page() -> str:
+    return resources.files("eyecare_edge.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The ASGI app for `state` (loading starts when the app starts)."""
+    cfg = state.config
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.start_loading(asyncio.get_running_loop())
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, state.close)
+
+    app = FastAPI(title="eyecare-edge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    page = _static_page()
+
+    # ------------------------------------------------------------------ error mapping
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return _error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        return JSONResponse(error_body(message, kind), status_code=err.status_code, headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse(error_body(f"internal error ({type(err).__name__}: {err})", "server_error"), 500)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Callable) -> Any:
+        response = await call_next(request)
+        path = request.url.path if request.url.path in KNOWN_PATHS else "other"
+        state.metrics.count_request(path, response.status_code)
+        return response
+
+    def require_key(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        if not key_matches(bearer_token(request.headers.get("authorization")), cfg.api_key):
+            raise ApiError(
+                401,
+                "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                "authentication_error",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def require_ready() -> None:
+        if state.status == "loading":
+            raise ApiError(
+                503, "the bundle is still loading; retry shortly", "unavailable", headers={"Retry-After": "2"}
+            )
+        if state.status != "ok":
+            raise ApiError(503, f"the bundle failed to load: {state.load_error}", "unavailable")
+
+    # ------------------------------------------------------------------ routes
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(
+            page,
+            headers={
+                "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+                "script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        body = {"status": state.status, "model": cfg.model_id}
+        if state.load_error:
+            body["error"] = state.load_error
+        return JSONResponse(body, status_code=200 if state.ready else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        require_key(request)
+        m = cfg.manifest
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": cfg.model_id,
+                        "object": "model",
+                        "created": int(cfg.bundle.joinpath("manifest.json").stat().st_mtime),
+                        "owned_by": "eyecare-edge",
+                        "input_modalities": ["text", "image"],
+                        "output_modalities": ["text"],
+                        "precisions": {
+                            "llm": m.precisions("llm", "gguf"),
+                            "vision": sorted(
+                                {f.precision for f in m.files if f.role == "vision" and f.format == "onnx"}
+                            ),
+                        },
+                        "loaded": state.loaded or None,
+                        "max_images": cfg.max_images,
+                        "context_length": state.n_ctx or None,
+                        "bundle_digest": m.digest(),
+                    }
+                ],
+            }
+        )
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> PlainTextResponse:
+        require_key(request)
+        pool = state.pool
+        gauges = {
+            "eyecare_queue_depth": ("Requests admitted and waiting for a pipeline.", pool.waiting),
+            "eyecare_requests_running": ("Requests being answered now.", pool.running),
+            "eyecare_queue_capacity": ("Requests admitted at most (--workers + --queue).", pool.capacity),
+            "eyecare_ready": ("1 once the bundle is loaded.", 1 if state.ready else 0),
+        }
+        cache = state.prefix_cache
+        text = state.metrics.render(gauges, cache.stats if cache is not None else None)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        require_key(request)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(
+                415,
+                f"Content-Type must be application/json, got {ctype or 'none'!r}",
+                "invalid_request_error",
+            )
+        require_ready()
+        t0 = time.monotonic()
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON ({e})") from None
+        req = parse_chat_request(
+            body, model_id=cfg.model_id, max_images=cfg.max_images, max_tokens_limit=state.n_ctx
+        )
+        loop = asyncio.get_running_loop()
+        images = await loop.run_in_executor(None, load_images, req.image_urls, cfg.media)
+        ticket = state.pool.admit()
+        if req.stream:
+            return _SSEResponse(
+                _stream(state, req, images, ticket, t0), on_close=ticket.release_unless_started
+            )
+        try:
+            answer, ttft = await state.pool.run(ticket, _job(req, images, ticket, t0, None, None))
+        except asyncio.CancelledError:
+            ticket.cancelled = True
+            raise
+        except Exception as e:
+            raise _as_api_error(e) from None
+        state.metrics.observe_answer(ttft_s=ttft, total_s=time.monotonic() - t0, answer=answer)
+        fingerprint = state.pool.pipelines[0].digest[:16]
+        return JSONResponse(completion_body(completion_id(), now(), cfg.model_id, answer, fingerprint))
+
+    if cfg.loopback_only:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    return app
+
+
+class _SSEResponse(StreamingResponse):
+    """Server-sent events; `on_close` runs however the response ends (client gone included)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _job(
+    req: ChatRequest,
+    images: list,
+    ticket: Any,
+    t0: float,
+    loop: asyncio.AbstractEventLoop | None,
+    queue: asyncio.Queue | None,
+) -> Callable[[Any], tuple[Any, float]]:
+    """The work done on a pipeline thread: ask, streaming pieces to `queue` when given, aborting
+    when the request's deadline passes or its client is gone."""
+    first: list[float] = []
+    strip = _Strip()
+
+    def on_text(piece: str) -> None:
+        if not first:
+            first.append(time.monotonic())
+        if ticket.cancelled:
+            raise Cancelled()
+        if time.monotonic() > ticket.deadline:
+            raise RequestTimeout()
+        piece = strip.feed(piece)
+        if queue is not None and piece:
+            loop.call_soon_threadsafe(queue.put_nowait, piece)
+
+    def work(pipe: Any) -> tuple[Any, float]:
+        answer = pipe.ask(
+            images,
+            req.question,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=req.seed,
+            stream=on_text,
+            grammar=req.grammar,
+            stop=req.stop,
+        )
+        ttft = (first[0] if first else time.monotonic()) - t0
+        return answer, ttft
+
+    return work
+
+
+class _Strip:
+    """Streamed pieces that concatenate to the stripped answer (`Answer.text`): leading
+    whitespace dropped, trailing whitespace held back until more text follows it."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.pending = ""
+
+    def feed(self, piece: str) -> str:
+        if not self.started:
+            piece = piece.lstrip()
+            if not piece:
+                return ""
+            self.started = True
+        text = self.pending + piece
+        kept = text.rstrip()
+        self.pending = text[len(kept) :]
+        return kept
+
+
+def _as_api_error(e: BaseException) -> BaseException:
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, RequestTimeout):
+        return ApiError(504, "the answer took longer than the request timeout (--timeout)", "timeout")
+    if isinstance(e, ImageError):
+        return ApiError(400, f"the image is not usable: {e}")
+    if isinstance(e, LLMError) and "do not fit" in str(e):
+        return ApiError(400, f"the request does not fit the context: {e}", "context_length_exceeded")
+    if isinstance(e, ValueError):
+        return ApiError(400, str(e))
+    return e
+
+
+async def _stream(
+    state: ServerState, req: ChatRequest, images: list, ticket: Any, t0: float
+) -> AsyncIterator[str]:
+    """OpenAI's chunk stream: a role chunk, content chunks, a finish chunk, an optional usage
+    chunk, then `data: [DONE]`. An error after the stream started is sent as an error event."""
+    cfg = state.config
+    cid, created = completion_id(), now()
+    fingerprint = state.pool.pipelines[0].digest[:16]
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    task = asyncio.ensure_future(state.pool.run(ticket, _job(req, images, ticket, t0, loop, pieces)))
+
+    def event(body: dict) -> str:
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    try:
+        yield event(
+            chunk_body(cid, created, cfg.model_id, fingerprint, delta={"role": "assistant", "content": ""})
+        )
+        while True:
+            getter = asyncio.ensure_future(pieces.get())
+            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                yield event(
+                    chunk_body(cid, created, cfg.model_id, fingerprint, delta={"content": getter.result()})
+                )
+                continue
+            getter.cancel()
+            break
+        while not pieces.empty():
+            yield event(
+                chunk_body(cid, created, cfg.model_id, fingerprint, delta={"content": pieces.get_nowait()})
+            )
+        try:
+            answer, ttft = task.result()
+        except BaseException as e:
+            err = _as_api_error(e)
+            if not isinstance(err, ApiError):
+                log.error("stream failed: %s: %s", type(e).__name__, e)
+                err = ApiError(500, f"internal error ({type(e).__name__}: {e})", "server_error")
+            yield event(err.body())
+            yield "data: [DONE]\n\n"
+            return
+        state.metrics.observe_answer(ttft_s=ttft, total_s=time.monotonic() - t0, answer=answer)
+        finish = FINISH_REASONS.get(answer.stop_reason, "stop")
+        yield event(chunk_body(cid, created, cfg.model_id, fingerprint, delta={}, finish_reason=finish))
+        if req.include_usage:
+            yield event(chunk_body(cid, created, cfg.model_id, fingerprint, usage_=usage(answer)))
+        yield "data: [DONE]\n\n"
+    finally:
+        if not task.done():
+            ticket.cancelled = True  # the generation stops at its next piece

@@ -12,7 +12,11 @@ more than the decode step. Why keep sampling in numpy: `sample_token`'s result d
 the logits and the seed (see llm.py), which stays true with the mask applied.
 
 JSON schemas are converted with llama-cpp-python's `json_schema_to_gbnf` (the port of
-llama.cpp's json-schema-to-grammar), so the supported schema subset is llama.cpp's.
+llama.cpp's json-schema-to-grammar). That port ignores numeric bounds (minimum / maximum /
+exclusive*, multipleOf): a grammar built from `{"type": "integer", "minimum": 0, "maximum": 4}`
+let the tiny test model answer -4. So bounded integers with at most `MAX_INT_ENUM` values are
+rewritten to an enum first (enforced exactly), and any other numeric bound is refused with a
+GrammarError rather than silently not enforced.
 """
 
 from __future__ import annotations
@@ -31,8 +35,65 @@ except ImportError:  # pragma: no cover - only where llama-cpp-python is absent
     json_schema_to_gbnf = None
 
 
+MAX_INT_ENUM = 256
+_NUMERIC_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+
+
 class GrammarError(ValueError):
     """A grammar or JSON schema llama.cpp cannot use."""
+
+
+def _bounded_ints(schema: dict, where: str) -> dict:
+    """`schema` with small bounded integer ranges turned into enums (see the module docstring)."""
+    bounds = {k: schema[k] for k in _NUMERIC_BOUNDS if k in schema}
+    if not bounds or "enum" in schema or "const" in schema:
+        return schema
+    lo, hi = schema.get("minimum"), schema.get("maximum")
+    if isinstance(schema.get("exclusiveMinimum"), (int, float)) and not isinstance(
+        schema["exclusiveMinimum"], bool
+    ):
+        lo = schema["exclusiveMinimum"] + 1
+    if isinstance(schema.get("exclusiveMaximum"), (int, float)) and not isinstance(
+        schema["exclusiveMaximum"], bool
+    ):
+        hi = schema["exclusiveMaximum"] - 1
+    step = schema.get("multipleOf", 1)
+    ok = (
+        schema.get("type") == "integer"
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi, step))
+        and step > 0
+        and lo <= hi
+        and (hi - lo) // step < MAX_INT_ENUM
+    )
+    if not ok:
+        raise GrammarError(
+            f"{where}: numeric bounds {bounds} cannot be enforced by the grammar (only integer ranges "
+            f"with both ends and at most {MAX_INT_ENUM} values are); use an enum instead"
+        )
+    rest = {k: v for k, v in schema.items() if k not in (*_NUMERIC_BOUNDS, "type")}
+    return {**rest, "enum": [v for v in range(lo, hi + 1) if v % step == 0]}
+
+
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+_VALUES = ("enum", "const", "default", "examples", "required")
+
+
+def _lower(node: object, where: str = "schema") -> object:
+    """Apply `_bounded_ints` to every sub-schema (not to property maps or literal values)."""
+    if isinstance(node, list):
+        return [_lower(v, f"{where}[{i}]") for i, v in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    node = _bounded_ints(node, where)
+    out: dict = {}
+    for key, value in node.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _lower(sub, f"{where}.{key}.{name}") for name, sub in value.items()}
+        elif key in _VALUES:
+            out[key] = value
+        else:
+            out[key] = _lower(value, f"{where}.{key}")
+    return out
 
 
 def json_schema_grammar(schema: dict | str) -> str:
@@ -50,6 +111,7 @@ def json_schema_grammar(schema: dict | str) -> str:
             raise GrammarError(f"the JSON schema is not valid JSON ({e})") from None
     if not isinstance(schema, dict):
         raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    schema = _lower(schema)
     try:
         return json_schema_to_gbnf(json.dumps(schema))
     except (ValueError, KeyError, TypeError, AssertionError, NotImplementedError, RecursionError) as e:

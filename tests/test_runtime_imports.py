@@ -28,6 +28,10 @@ RUNTIME_MODULES = [
     "eyecare_edge.commands.screen",
     "eyecare_edge.commands.bench",
     "eyecare_edge.commands.build_engine",
+    "eyecare_edge.grammar",
+    "eyecare_edge.prefix_cache",
+    "eyecare_edge.serve.app",
+    "eyecare_edge.commands.serve",
 ]
 
 

@@ -514,3 +514,46 @@ def test_health_is_503_while_loading(assets):
         release.set()
         server.should_exit = True
         thread.join(30)
+
+
+def test_request_timeout_is_504_and_the_server_keeps_serving(assets):
+    """A request whose deadline passes during its answer is stopped with 504; the pipeline goes
+    back to the pool and later requests are served."""
+    import uvicorn
+
+    from eyecare_edge.bundle import read_manifest
+    from eyecare_edge.serve.app import ServeConfig, ServerState, create_app
+
+    config = ServeConfig(
+        bundle=assets.bundle, model_id=MODEL, manifest=read_manifest(assets.bundle), timeout_s=0.001, queue=0
+    )
+    state = ServerState(config, lambda: [Pipeline.load(assets.bundle, **PIPE_OPTIONS)])
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(400):
+            if server.started and _get(base + "/health")[0] == 200:
+                break
+            time.sleep(0.05)
+        body = json.dumps(
+            {"model": MODEL, "messages": _image_message(_data_uri(assets.images[0])), "max_tokens": 64}
+        )
+        for _ in range(3):
+            status, _, data = _post(
+                base + "/v1/chat/completions", body.encode(), {"Content-Type": "application/json"}
+            )
+            assert status == 504 and data["error"]["type"] == "timeout", data
+        assert state.pool.pending == 0 and state.pool.running == 0
+        config.timeout_s = state.pool.timeout_s = 60.0
+        status, _, data = _post(
+            base + "/v1/chat/completions", body.encode(), {"Content-Type": "application/json"}
+        )
+        assert status == 200 and data["choices"][0]["message"]["content"]
+    finally:
+        server.should_exit = True
+        thread.join(30)

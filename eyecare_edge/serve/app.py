@@ -276,9 +276,15 @@ def create_app(state: ServerState) -> FastAPI:
         req = parse_chat_request(
             body, model_id=cfg.model_id, max_images=cfg.max_images, max_tokens_limit=state.n_ctx
         )
-        loop = asyncio.get_running_loop()
-        images = await loop.run_in_executor(None, load_images, req.image_urls, cfg.media)
+        # Admitted before decoding, so the queue bound covers decoding work too.
         ticket = state.pool.admit()
+        try:
+            images = await asyncio.get_running_loop().run_in_executor(
+                None, load_images, req.image_urls, cfg.media
+            )
+        except BaseException:
+            ticket.release()
+            raise
         if req.stream:
             return _SSEResponse(
                 _stream(state, req, images, ticket, t0), on_close=ticket.release_unless_started
@@ -402,6 +408,8 @@ async def _stream(
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
     task = asyncio.ensure_future(state.pool.run(ticket, _job(req, images, ticket, t0, loop, pieces)))
+    # A client that left before the end leaves the task's exception unread: read it (no warning).
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def event(body: dict) -> str:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"

@@ -21,6 +21,11 @@ question text as the next one, whether cached or fresh, so both paths feed llama
 batches: answers are identical to a fresh evaluation (tested), and `Answer.cached_prefix` says
 which path ran.
 
+Only the last prefix lives in the KV cache. With `pipe.prefix_cache = PrefixCache(max_bytes)`
+(`prefix_cache.py`; one cache may serve several pipelines of the same bundle and options) the KV
+state of each fresh image prefix is also saved, and an image asked about again after others
+restores its prefix instead of re-running vision and prefill (answers identical, tested).
+
 Thread safety: a `Pipeline` serialises its calls with one lock (decoding files runs outside it),
 so one instance may be shared by threads of a server; requests then run one at a time. For
 parallel answers load one `Pipeline` per worker (each has its own llama.cpp context). The

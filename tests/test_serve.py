@@ -557,3 +557,44 @@ def test_request_timeout_is_504_and_the_server_keeps_serving(assets):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_a_client_leaving_mid_stream_frees_its_worker(server, media_dir):
+    """The generation stops at its next token once the client is gone: the worker is free again
+    in well under the time the whole answer takes (a 2000-character string schema makes it run
+    to max_tokens)."""
+    import http.client
+
+    schema = {"type": "string", "minLength": 2000}
+    request = {
+        "model": MODEL,
+        "max_tokens": 1000,
+        "messages": _image_message(sorted(media_dir.glob("phantom_*"))[3].name),
+        "response_format": {"type": "json_schema", "json_schema": {"name": "long", "schema": schema}},
+    }
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    t = time.monotonic()
+    status, _, full = _post(server.base + "/v1/chat/completions", json.dumps(request).encode(), headers)
+    full_s = time.monotonic() - t
+    assert status == 200 and full["usage"]["completion_tokens"] == 1000
+
+    def running() -> int:
+        text = _get(server.base + "/metrics", KEY)[1].decode()
+        return int(
+            next(line for line in text.splitlines() if line.startswith("eyecare_requests_running ")).split()[
+                1
+            ]
+        )
+
+    conn = http.client.HTTPConnection("127.0.0.1", int(server.base.rsplit(":", 1)[1]), timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps({**request, "stream": True}), headers)
+    response = conn.getresponse()
+    assert response.status == 200 and response.read1(100).startswith(b"data: ")
+    t = time.monotonic()
+    conn.sock.close()
+    conn.close()
+    while running() and time.monotonic() - t < full_s:
+        time.sleep(0.02)
+    freed_s = time.monotonic() - t
+    assert running() == 0 and freed_s < full_s / 3, (freed_s, full_s)
+    assert server.health() == 200

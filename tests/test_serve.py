@@ -296,6 +296,9 @@ def _bad_requests(media_dir: Path, bundle_image: Path) -> list[tuple[str, bytes,
         ("not JSON content type", body(), {"Content-Type": "text/plain"}, 415, "Content-Type"),
         ("a system turn", body(messages=[{"role": "system", "content": "x"}, *_image_message(ok_image)]), {}, 400, "one 'user'"),
         ("n > 1", body(n=2), {}, 400, "'n'"),
+        ("a foreign Host header (DNS rebinding)", body(), {"Host": "evil.example:8080"}, 400, "loopback"),
+        ("placeholders that do not match the images", body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ok_image}}, {"type": "text", "text": "<image> and <image>?"}]}]), {}, 400, "placeholder"),
+        ("a negative seed", body(seed=-1), {}, 400, "seed"),
         ("bad response_format", body(response_format={"type": "json_schema", "json_schema": {"schema": 3}}), {}, 400, "schema"),
     ]  # fmt: skip
 
@@ -309,6 +312,9 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server, media_di
         assert set(body["error"]) >= {"message", "type"}, (what, body)
         assert word.lower() in body["error"]["message"].lower(), (what, body)
         assert server.health() == 200, what
+    metrics = _get(server.base + "/metrics", KEY)[1].decode()
+    for code in (400, 401, 403, 404, 413, 415):
+        assert f'eyecare_errors_total{{code="{code}"}}' in metrics, code
     # Unknown routes and methods answer in the same shape.
     assert _get(server.base + "/v2/nothing")[0] == 404
     status, _, body = _post(server.base + "/health", b"{}", {"Content-Type": "application/json"})

@@ -25,16 +25,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from eyecare_edge.bundle import Manifest
 from eyecare_edge.images import ImageError
 from eyecare_edge.llm import LLMError
 from eyecare_edge.serve.errors import ApiError, error_body
 from eyecare_edge.serve.limits import (
-    BodyLimit,
     Cancelled,
     PipelinePool,
+    RequestGuard,
     RequestTimeout,
     bearer_token,
     key_matches,
@@ -53,8 +52,7 @@ from eyecare_edge.serve.openai_schema import (
 )
 
 log = logging.getLogger("eyecare_edge.serve")
-KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions"}
-LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
+KNOWN_PATHS = frozenset({"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions"})
 
 
 @dataclass
@@ -166,13 +164,6 @@ def create_app(state: ServerState) -> FastAPI:
         log.exception("unexpected error on %s", request.url.path)
         return JSONResponse(error_body(f"internal error ({type(err).__name__}: {err})", "server_error"), 500)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next: Callable) -> Any:
-        response = await call_next(request)
-        path = request.url.path if request.url.path in KNOWN_PATHS else "other"
-        state.metrics.count_request(path, response.status_code)
-        return response
-
     def require_key(request: Request) -> None:
         if cfg.api_key is None:
             return
@@ -276,6 +267,10 @@ def create_app(state: ServerState) -> FastAPI:
         req = parse_chat_request(
             body, model_id=cfg.model_id, max_images=cfg.max_images, max_tokens_limit=state.n_ctx
         )
+        try:  # placeholders in the question must match the images: say so now, not mid-stream
+            state.pool.pipelines[0].prompt_pieces(req.question, len(req.image_urls))
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages[0].content") from None
         # Admitted before decoding, so the queue bound covers decoding work too.
         ticket = state.pool.admit()
         try:
@@ -300,9 +295,13 @@ def create_app(state: ServerState) -> FastAPI:
         fingerprint = state.pool.pipelines[0].digest[:16]
         return JSONResponse(completion_body(completion_id(), now(), cfg.model_id, answer, fingerprint))
 
-    if cfg.loopback_only:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS)
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(
+        RequestGuard,
+        max_bytes=cfg.max_body_bytes,
+        loopback_only=cfg.loopback_only,
+        count=state.metrics.count_request,
+        known_paths=KNOWN_PATHS,
+    )
     return app
 
 
@@ -310,7 +309,11 @@ class _SSEResponse(StreamingResponse):
     """Server-sent events; `on_close` runs however the response ends (client gone included)."""
 
     def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self._on_close = on_close
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -336,7 +339,7 @@ def _job(
     def on_text(piece: str) -> None:
         if not first:
             first.append(time.monotonic())
-        if ticket.cancelled:
+        if ticket.cancelled or ticket.pool.stopping:
             raise Cancelled()
         if time.monotonic() > ticket.deadline:
             raise RequestTimeout()

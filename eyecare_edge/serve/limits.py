@@ -1,5 +1,5 @@
-"""What keeps one request from hurting the others: body size, API key, a bounded queue of
-pipelines with a per-request deadline.
+"""What keeps one request from hurting the others: API key, Host check, body size, a bounded
+queue of pipelines with a per-request deadline.
 
 `--workers N` means N `Pipeline`s in this one process, handed out by `PipelinePool`, not N
 uvicorn worker processes. Why: llama.cpp, ONNX Runtime and the image decoders release the GIL,
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import math
 import time
 from collections.abc import Callable
@@ -43,16 +44,45 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
-# ---------------------------------------------------------------------- body limit
+# ---------------------------------------------------------------------- request guard
 
 
-class BodyLimit:
-    """ASGI middleware: a body over `max_bytes` gets 413 before it is read (Content-Length) or
-    as soon as the bytes received pass the limit (chunked uploads)."""
+def is_loopback_host(host_header: str) -> bool:
+    """Whether a Host header names this machine's loopback (localhost, 127.x.x.x, [::1])."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host[1:]
+    elif host.count(":") == 1:
+        host = host.split(":")[0]
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+
+class RequestGuard:
+    """ASGI middleware in front of everything: counts every response by path and status (so
+    413s and 500s are in /metrics too), refuses non-loopback Host headers when the server is
+    bound to loopback (a web page cannot reach it through DNS rebinding), and answers a body over
+    `max_bytes` with 413 before it is read (Content-Length) or as soon as the received bytes pass
+    the limit (chunked uploads). Refusals use the API's JSON error shape."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        max_bytes: int,
+        loopback_only: bool,
+        count: Callable[[str, int], None],
+        known_paths: frozenset[str],
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.loopback_only = loopback_only
+        self.count = count
+        self.known_paths = known_paths
 
     def _too_large(self) -> ApiError:
         return ApiError(
@@ -65,23 +95,48 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            err = self._too_large() if length.isdigit() else ApiError(400, "bad Content-Length header")
-            await send_error(send, err)
-            return
-        received = 0
+        path = scope.get("path", "")
+        path = path if path in self.known_paths else "other"
+        status: list[int] = []
 
-        async def limited() -> dict:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self._too_large()
-            return message
+        async def counted_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
 
-        await self.app(scope, limited, send)
+        try:
+            refusal = self._refusal(dict(scope.get("headers") or []))
+            if refusal is not None:
+                await send_error(counted_send, refusal)
+                return
+            received = 0
+
+            async def limited() -> dict:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_bytes:
+                        raise self._too_large()
+                return message
+
+            await self.app(scope, limited, counted_send)
+        finally:
+            self.count(path, status[0] if status else 500)
+
+    def _refusal(self, headers: dict[bytes, bytes]) -> ApiError | None:
+        host = headers.get(b"host")
+        if self.loopback_only and host is not None and not is_loopback_host(host.decode("latin-1")):
+            return ApiError(
+                400,
+                f"Host {host.decode('latin-1')!r} is not this machine's loopback; this server is bound to loopback",
+            )
+        length = headers.get(b"content-length")
+        if length is not None and not length.isdigit():
+            return ApiError(400, "bad Content-Length header")
+        if length is not None and int(length) > self.max_bytes:
+            return self._too_large()
+        return None
 
 
 async def send_error(send: Callable, err: ApiError) -> None:
@@ -140,6 +195,7 @@ class PipelinePool:
         self.timeout_s = timeout_s
         self.pending = 0
         self.running = 0
+        self.stopping = False  # set at shutdown: running generations stop at their next piece
         self._free: asyncio.Queue | None = None
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pipeline")
         self._mean_s = 1.0
@@ -204,17 +260,19 @@ class PipelinePool:
         return await asyncio.shield(future)
 
     def shutdown(self) -> None:
+        self.stopping = True
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 __all__ = [
-    "BodyLimit",
     "Cancelled",
     "PipelinePool",
+    "RequestGuard",
     "RequestTimeout",
     "Ticket",
     "bearer_token",
     "error_body",
+    "is_loopback_host",
     "key_matches",
     "send_error",
 ]

@@ -53,7 +53,7 @@ def data_uri_bytes(url: str) -> bytes:
     if "base64" not in params[1:]:
         raise _bad("image data: URIs must be base64 (data:image/jpeg;base64,...)")
     try:
-        data = base64.b64decode(payload, validate=True)
+        data = base64.b64decode("".join(payload.split()), validate=True)  # line-wrapped base64 is fine
     except (binascii.Error, ValueError) as e:
         raise _bad(f"the data: URI's base64 payload does not decode ({e})") from None
     if not data:

@@ -232,7 +232,7 @@ def parse_chat_request(body: Any, *, model_id: str, max_images: int, max_tokens_
         temperature=_float(body, "temperature", 0.0, 0.0, 2.0),
         top_p=_float(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
         top_k=_int(body, "top_k", low=0) or 0,
-        seed=_int(body, "seed"),
+        seed=_int(body, "seed", low=0),
         stop=tuple(s for s in stops if s),
         stream=bool(stream),
         include_usage=bool((options or {}).get("include_usage", False)),

@@ -15,6 +15,24 @@ from eyecare_edge.commands.ask import pipeline_options, runtime_options
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 
 
+def _shared_option(name: str) -> bool:
+    """Whether the options `ask` and `screen` share already define `name` (then serve takes it
+    from there instead of defining it twice)."""
+    probe = runtime_options(lambda **kw: None)
+    return any(name in param.opts for param in getattr(probe, "__click_params__", []))
+
+
+def _visual_tokens_option(f):
+    if _shared_option("--visual-tokens"):
+        return f
+    return click.option(
+        "--visual-tokens",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Token budget per image (needs budget support).",
+    )(f)
+
+
 def is_loopback(host: str) -> bool:
     if host.lower() in LOOPBACK_NAMES:
         return True
@@ -70,12 +88,7 @@ def read_key(api_key: str | None, api_key_file: Path | None) -> str | None:
     default=None,
     help="Allow image_url local paths, only inside this directory.",
 )
-@click.option(
-    "--visual-tokens",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Token budget per image (needs budget support).",
-)
+@_visual_tokens_option
 @click.option(
     "--max-body-mb",
     type=click.FloatRange(min=0.01),
@@ -125,7 +138,6 @@ def serve(
     api_key: str | None,
     api_key_file: Path | None,
     allowed_media_dir: Path | None,
-    visual_tokens: int | None,
     max_body_mb: float,
     queue: int,
     timeout_s: float,
@@ -133,6 +145,7 @@ def serve(
     prefix_cache_mb: float,
     model_id: str | None,
     log_level: str,
+    visual_tokens: int | None = None,
     **runtime: object,
 ) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API (POST /v1/chat/completions, GET /v1/models,
@@ -167,6 +180,8 @@ def serve(
             f"--host {host} is reachable from other machines; refusing to serve it without an API key "
             "(give --api-key-file FILE or --api-key KEY, or bind 127.0.0.1)"
         )
+    if _shared_option("--visual-tokens"):  # then the shared options turn it into PipelineOptions
+        runtime["visual_tokens"] = visual_tokens
     opts = pipeline_options(runtime)
     if visual_tokens is not None:
         if "visual_tokens" not in {f.name for f in fields(PipelineOptions)}:

@@ -450,29 +450,29 @@ def test_page_in_headless_chromium(server, pipe, media_dir, tmp_path):
 
 
 def test_startup_refusals(assets, tmp_path):
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "eyecare_edge.cli", "serve", str(assets.bundle), *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+    """Refused before anything is loaded or bound: exit 2 for usage, 1 for a bundle problem."""
+    from click.testing import CliRunner
+
+    from eyecare_edge.cli import main
+
+    def run(*args: str):
+        return CliRunner().invoke(main, ["serve", str(assets.bundle), *args])
 
     r = run("--host", "0.0.0.0")
-    assert r.returncode == 2 and "without an API key" in r.stderr, r.stderr
+    assert r.exit_code == 2 and "without an API key" in r.output, r.output
     empty = tmp_path / "empty.key"
     empty.write_text("\n")
     r = run("--host", "0.0.0.0", "--api-key-file", str(empty))
-    assert r.returncode == 2 and "empty" in r.stderr
+    assert r.exit_code == 2 and "empty" in r.output, r.output
     from dataclasses import fields
 
     from eyecare_edge.pipeline import PipelineOptions
 
     if "visual_tokens" not in {f.name for f in fields(PipelineOptions)}:
         r = run("--visual-tokens", "64")
-        assert r.returncode == 2 and "token budgets" in r.stderr, r.stderr
+        assert r.exit_code == 2 and "token budgets" in r.output, r.output
     r = run("--llm", "q2_k")
-    assert r.returncode == 1 and "no q2_k GGUF" in r.stderr, r.stderr
+    assert r.exit_code == 1 and "no q2_k GGUF" in r.output, r.output
 
 
 def test_health_is_503_while_loading(assets):

@@ -92,7 +92,7 @@ def dsrdump(path: Path) -> str:
     """`dsrdump` of an SR; fails the test on a non-zero exit or any error/warning it prints."""
     exe = shutil.which("dsrdump")
     assert exe, "DCMTK's dsrdump is not installed (apt-get install dcmtk)"
-    r = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([exe, "+Pl", "+Pc", str(path)], capture_output=True, text=True, timeout=60)
     text = r.stdout + r.stderr
     assert r.returncode == 0, text
     bad = [ln for ln in text.splitlines() if ln.startswith(("E:", "W:", "F:"))]

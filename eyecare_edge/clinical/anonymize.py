@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -43,19 +43,23 @@ def path_pseudonym(path: str) -> str:
     return "anon:" + hashlib.sha256(os.path.abspath(path).encode("utf-8")).hexdigest()[:16]
 
 
-def anonymize_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A JSONL line without the path, in the `path` field or inside an error message."""
+def anonymize_record(record: Mapping[str, Any], paths: Sequence[str] = ()) -> dict[str, Any]:
+    """A JSONL line without the file's path: in the `path` field or inside an error message
+    (the line's own path, plus `paths`: the file as the caller knows it)."""
     rec = dict(record)
     path = rec.get("path")
+    known = [p for p in (path, *paths) if isinstance(p, str) and p and not p.startswith("anon:")]
+    if not known:
+        return rec
+    pseudo = path_pseudonym(known[0])
     if isinstance(path, str) and path:
-        pseudo = path_pseudonym(path)
         rec["path"] = pseudo
-        err = rec.get("error")
-        if isinstance(err, str):
-            for form in sorted({path, os.path.abspath(path), os.path.basename(path)}, key=len, reverse=True):
-                if form:
-                    err = err.replace(form, pseudo)
-            rec["error"] = err
+    err = rec.get("error")
+    if isinstance(err, str):
+        forms = {f for p in known for f in (p, os.path.abspath(p), os.path.basename(p)) if f}
+        for form in sorted(forms, key=len, reverse=True):
+            err = err.replace(form, pseudo)
+        rec["error"] = err
     return rec
 
 

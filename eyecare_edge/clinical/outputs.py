@@ -99,7 +99,7 @@ class ClinicalOutputs:
             return None
         merged = [*self.previous.get(src.sha256, []), *new]
         if self.anonymize:  # error texts may name the file
-            merged = [anonymize_record(r) for r in merged]
+            merged = [anonymize_record(r, [os.fspath(path)]) for r in merged]
         answers = answers_from_records(merged, self.protocol)
         if not answers or all(r.get("error") is not None for r in merged):
             return None

@@ -200,3 +200,21 @@ def test_screen_sr_without_highdicom_says_how_to_install(assets, tmp_path, monke
     ]
     r = CliRunner().invoke(main, [*args, *FAST_CLI])
     assert r.exit_code == 1 and "eyecare-edge[clinical]" in r.stderr
+
+
+def test_one_call_per_request_from_uploaded_bytes(pipe, tmp_path):
+    """What a server calls per answered request: DICOM bytes in, SR + FHIR out."""
+    from eyecare_edge.clinical import file_clinical_results
+
+    data = make_op_dicom(tmp_path / "op.dcm").read_bytes()
+    w = file_clinical_results(
+        pipe, data, load_protocol(), sr_dir=tmp_path / "sr", fhir_dir=tmp_path / "fhir", max_tokens=4
+    )
+    assert w is not None and [a.question.qid for a in w.answers] == ["dr_grade", "macular_edema", "findings"]
+    assert "Doe^Jane" in dsrdump(w.sr)
+    src = pydicom.dcmread(tmp_path / "op.dcm")
+    assert pydicom.dcmread(w.sr).StudyInstanceUID == src.StudyInstanceUID
+
+    from fhir.resources.R4B.bundle import Bundle
+
+    Bundle.model_validate(json.loads(w.fhir.read_text()))

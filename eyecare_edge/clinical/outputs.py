@@ -87,19 +87,28 @@ class ClinicalOutputs:
             None if self.fhir_dir is None else Path(self.fhir_dir) / f"{stem}.fhir.json",
         )
 
-    def write(self, path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]) -> Written | None:
-        """Write the SR/FHIR of `path` from its screen `records` (this run's; an earlier run's come
-        from `previous`). Returns None when no record of the file answers a protocol question
-        (e.g. the file could not be decoded: its error lines are in the JSONL) or nothing is new."""
+    def write(
+        self,
+        path: str | os.PathLike[str] | bytes,
+        records: Iterable[Mapping[str, Any]],
+        *,
+        name: str = "<bytes>",
+    ) -> Written | None:
+        """Write the SR/FHIR of `path` (or of a file's bytes, called `name`) from its screen
+        `records` (this run's; an earlier run's come from `previous`). Returns None when no record
+        of the file answers a protocol question (e.g. the file could not be decoded: its error
+        lines are in the JSONL) or nothing is new."""
         new = list(records)
         sha = next((r["image_sha256"] for r in new if r.get("image_sha256")), None)
-        src = read_source(path, sha)
+        src = read_source(path, sha, name=name)
         sr_path, fhir_path = self._paths(src.sha256)
         if not new and all(p is None or p.exists() for p in (sr_path, fhir_path)):
             return None
         merged = [*self.previous.get(src.sha256, []), *new]
         if self.anonymize:  # error texts may name the file
-            merged = [anonymize_record(r, [os.fspath(path)]) for r in merged]
+            merged = [
+                anonymize_record(r, [name if isinstance(path, bytes) else os.fspath(path)]) for r in merged
+            ]
         answers = answers_from_records(merged, self.protocol)
         if not answers or all(r.get("error") is not None for r in merged):
             return None
@@ -157,7 +166,7 @@ def previous_records(results_path: str | os.PathLike[str]) -> dict[str, list[dic
 
 
 def write_clinical_results(
-    source: str | os.PathLike[str],
+    source: str | os.PathLike[str] | bytes,
     records: Iterable[Mapping[str, Any]],
     protocol: Protocol,
     device: DeviceInfo,
@@ -165,10 +174,11 @@ def write_clinical_results(
     sr_dir: str | os.PathLike[str] | None = None,
     fhir_dir: str | os.PathLike[str] | None = None,
     anonymize: bool = False,
+    name: str = "<bytes>",
 ) -> Written | None:
-    """One call per answered request (the server's entry point): `records` are screen-format
-    lines (question = the protocol question's prompt, answer/choice/error, frame, image_sha256)
-    about the file `source`."""
+    """Write the SR/FHIR of one answered request: `records` are screen-format lines (question =
+    the protocol question's prompt, answer/choice/error, frame, image_sha256) about `source` (a
+    path, or the file's bytes called `name`). `api.file_clinical_results` answers and writes."""
     outputs = ClinicalOutputs(
         protocol,
         device,
@@ -176,4 +186,4 @@ def write_clinical_results(
         fhir_dir=None if fhir_dir is None else Path(fhir_dir),
         anonymize=anonymize,
     )
-    return outputs.write(source, records)
+    return outputs.write(source, records, name=name)

@@ -4,9 +4,11 @@ source (or new UIDs for a file that is not DICOM, said so in the outputs)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -69,12 +71,21 @@ class SourceInfo:
         return replace(self, name="")
 
 
-def read_source(path: str | os.PathLike[str], sha256: str | None = None) -> SourceInfo:
-    """The identifiers of `path`: from its DICOM header (pixels not read), else new UIDs."""
-    p = Path(path)
-    sha = sha256 or file_sha256(p)
+def read_source(
+    path: str | os.PathLike[str] | bytes, sha256: str | None = None, *, name: str = "<bytes>"
+) -> SourceInfo:
+    """The identifiers of `path` (or of the file's bytes, e.g. an upload, called `name`): from
+    its DICOM header (pixels not read), else new UIDs."""
+    if isinstance(path, bytes):
+        p = Path(name)
+        sha = sha256 or hashlib.sha256(path).hexdigest()
+        fp: Any = io.BytesIO(path)
+    else:
+        p = Path(path)
+        sha = sha256 or file_sha256(p)
+        fp = p
     try:
-        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
     except (InvalidDicomError, EOFError, ValueError, TypeError):
         ds = None
     except OSError as e:

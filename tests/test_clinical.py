@@ -353,3 +353,55 @@ def test_importing_the_package_does_not_import_highdicom():
         "assert 'highdicom' not in sys.modules and 'fhir' not in sys.modules, 'heavy import'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_run_screen_calls_on_file_once_per_file_and_answer_fn_per_item(tmp_path, protocol):
+    """The two hooks `screen` uses, with a stand-in pipeline (the real one runs in
+    test_clinical_screen): answer_fn replaces ask and adds its record_fields; on_file gets each
+    file's lines once it is done, errors included, and on resume only the new lines."""
+    import cv2
+
+    from eyecare_edge.clinical.screen_hook import ScreenClinical
+    from eyecare_edge.pipeline import decode_source
+    from eyecare_edge.screening import ResultsFile, run_screen
+
+    class Pipe:
+        digest = "e" * 64
+
+        def decode(self, source):
+            return decode_source(source)
+
+        def ask(self, *a, **k):  # pragma: no cover - must not be called
+            raise AssertionError("answer_fn replaces ask")
+
+    class Ans:
+        def __init__(self, text):
+            self.text, self.n_image_tokens, self.n_prompt_tokens, self.n_generated = text, 1, 2, 0
+            self.stop_reason, self.cached_prefix, self.timings = "constrained", False, {}
+            self.record_fields = {"choice": {"status": "answered", "letter": "A"}}
+
+    good = tmp_path / "a.png"
+    cv2.imwrite(str(good), np.full((16, 16, 3), 90, np.uint8))
+    broken = tmp_path / "b.png"
+    broken.write_bytes(b"\x89PNG not really")
+    questions = ScreenClinical(protocol, None, None, False).questions()
+    seen: list[tuple[str, int]] = []
+    asked: list[str] = []
+
+    def answer_fn(image, prompt):
+        asked.append(prompt)
+        return Ans("A")
+
+    def on_file(path, lines):
+        seen.append((path.name, len(lines)))
+
+    out = tmp_path / "r.jsonl"
+    with ResultsFile(out, digest=Pipe.digest, resume=False) as res:
+        run_screen(Pipe(), [good, broken], questions, res, task="protocol", answer_fn=answer_fn, on_file=on_file)
+    assert seen == [("a.png", 3), ("b.png", 3)] and asked == [q.prompt for q in questions]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert all(x["choice"]["letter"] == "A" for x in lines[:3]) and all(x["error"] for x in lines[3:])
+    seen.clear()
+    with ResultsFile(out, digest=Pipe.digest, resume=True) as res:
+        run_screen(Pipe(), [good, broken], questions, res, task="protocol", answer_fn=answer_fn, on_file=on_file)
+    assert seen == [("a.png", 0), ("b.png", 0)]

@@ -25,7 +25,8 @@ class QuestionAnswer:
     status: str
     option: Option | None = None
     text: str | None = None
-    p_best: float | None = None
+    p_best: float | None = None  # the chosen option's probability among the options
+    p_options: float | None = None  # all options' probability under the whole vocabulary
 
     @property
     def dicom_frame(self) -> int | None:
@@ -88,7 +89,9 @@ def _closed(q: ProtocolQuestion, rec: Mapping[str, Any]) -> QuestionAnswer:
         return QuestionAnswer(
             q, frame, NO_VALID_ANSWER, text=f"{NO_VALID_ANSWER} (letter outside the options)"
         )
-    return QuestionAnswer(q, frame, "answered", option=opt, p_best=choice.get("p_best"))
+    return QuestionAnswer(
+        q, frame, "answered", option=opt, p_best=choice.get("p_best"), p_options=choice.get("p_options")
+    )
 
 
 def answers_from_records(records: Iterable[Mapping[str, Any]], protocol: Protocol) -> list[QuestionAnswer]:

@@ -121,6 +121,8 @@ def build_bundle(
             notes.append(f"frame {a.frame + 1} of SOP instance {src.sop_instance_uid or src.sha256}")
         if a.p_best is not None:
             notes.append(f"probability among the options {a.p_best:.3f}")
+        if a.p_options is not None:
+            notes.append(f"options' total probability {a.p_options:.4f}")
         if notes:
             obs["note"] = [{"text": n} for n in notes]
         obs_refs.append({"reference": url})

@@ -28,6 +28,9 @@ RUNTIME_MODULES = [
     "eyecare_edge.commands.screen",
     "eyecare_edge.commands.bench",
     "eyecare_edge.commands.build_engine",
+    "eyecare_edge.clinical",
+    "eyecare_edge.clinical.sr",
+    "eyecare_edge.clinical.fhir",
 ]
 
 

@@ -591,6 +591,21 @@ class Pipeline:
         prompt = self.manifest.prompt.report_prompt or REPORT_PROMPT
         return self.ask(images, prompt, max_tokens=max_tokens, **kwargs)  # type: ignore[arg-type]
 
+    def next_token_logits(
+        self, images: ImageSource | ImageInput | Sequence[ImageSource | ImageInput], question: str
+    ) -> tuple[np.ndarray, Answer]:
+        """The logits of the answer's first token (what `ask` would sample from), with the
+        one-token `Answer` that produced them (its timings, prefix reuse).
+
+        For constrained answers (`eyecare_edge.clinical.constrained` scores option letters on
+        them). A one-token greedy `ask` evaluates the prompt and samples without feeding the token
+        back, so the context's last logits are still the prompt's; both locks are held across the
+        two calls so no other thread evaluates in between.
+        """
+        with self._lock, self.lm.exclusive():
+            answer = self.ask(images, question, max_tokens=1)
+            return self.lm.last_logits(), answer
+
     def _cache_key(self, key: tuple) -> tuple:
         # What shapes the KV bytes: the bundle, the GGUF, the options (token budget, context size,
         # KV type, threads...; not checks or the seed) and the prompt key (image digests, preprocessing, text).

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from eyecare_edge.images import SUPPORTED_SUFFIXES, ImageError, read_header
 from eyecare_edge.prompts import OPEN_QA_DEFAULT_PROMPT, REPORT_PROMPT, format_closed_question
 
-TASKS = ("report", "closed", "open")
+TASKS = ("report", "closed", "open", "protocol")
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -397,6 +397,8 @@ def run_screen(
     max_tokens: int = 256,
     progress: Progress | None = None,
     extra_fields: Mapping[str, Any] | None = None,
+    answer_fn: Callable[[Any, str], Any] | None = None,
+    on_file: Callable[[Path, list[dict]], None] | None = None,
 ) -> ScreenSummary:
     """Ask every question about every frame of every file, appending one line per item.
 
@@ -404,6 +406,10 @@ def run_screen(
     answer, error (None when ok), timings (ms; decode_ms on the first item of a file),
     n_image_tokens, n_prompt_tokens, n_generated, stop_reason, cached_prefix, bundle_digest,
     plus `extra_fields` (e.g. which vision backend and GGUF ran).
+
+    answer_fn(image, prompt) replaces `pipeline.ask` (e.g. constrained closed answers); fields
+    in its answer's `record_fields` join the line. on_file(path, lines) is called once each file
+    is done, with the lines this run wrote for it (e.g. to write its DICOM SR).
     """
     if task not in TASKS:
         raise ScreenError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -431,8 +437,16 @@ def run_screen(
         rec.update(extra)
         return rec
 
+    file_lines: list[tuple[Path, list[dict]]] = []  # the file being asked and its lines, for on_file
+
+    def file_done() -> None:
+        if on_file is not None and file_lines:
+            on_file(*file_lines.pop())
+
     def write(rec: dict) -> None:
         results.append(rec)
+        if file_lines:
+            file_lines[-1][1].append(rec)
         summary.n_items += 1
         if rec["error"] is None:
             summary.n_ok += 1
@@ -443,6 +457,8 @@ def run_screen(
         prog.advance(1, rec)
 
     for path in files:
+        file_done()
+        file_lines.append((path, []))
         nq = len(questions)
         t_file = time.perf_counter()
         try:
@@ -492,7 +508,10 @@ def run_screen(
                 if rid in results.done:
                     continue
                 try:
-                    answer = pipeline.ask(image, q.prompt, max_tokens=max_tokens)
+                    if answer_fn is None:
+                        answer = pipeline.ask(image, q.prompt, max_tokens=max_tokens)
+                    else:
+                        answer = answer_fn(image, q.prompt)
                 except KeyboardInterrupt:
                     raise
                 except Exception as e:  # one item's failure must not stop the batch
@@ -514,7 +533,9 @@ def run_screen(
                         n_generated=answer.n_generated,
                         stop_reason=answer.stop_reason,
                         cached_prefix=answer.cached_prefix,
+                        **getattr(answer, "record_fields", {}),
                     )
                 )
+    file_done()
     summary.seconds = time.perf_counter() - t_start
     return summary

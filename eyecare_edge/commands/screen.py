@@ -46,6 +46,31 @@ from eyecare_edge.commands.ask import pipeline_options, runtime_options
     help="Most tokens per answer [report 512, else 256].",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar (stderr).")
+@click.option(
+    "--protocol",
+    "protocol_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Screening protocol YAML (questions, options, codes); closed answers are constrained to its options. "
+    "Default with --sr-dir/--fhir-dir: the packaged DR-screening protocol.",
+)
+@click.option(
+    "--sr-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write one DICOM SR per file here (needs the 'clinical' extra).",
+)
+@click.option(
+    "--fhir-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write one FHIR R4 transaction Bundle (DiagnosticReport + Observations) per file here.",
+)
+@click.option(
+    "--anonymize",
+    is_flag=True,
+    help="Drop patient/study identifiers and paths from every output (SR, FHIR, JSONL); UIDs are replaced consistently.",
+)
 @runtime_options
 def screen(
     bundle: Path,
@@ -58,6 +83,10 @@ def screen(
     retry_errors: bool,
     max_tokens: int | None,
     no_progress: bool,
+    protocol_file: Path | None,
+    sr_dir: Path | None,
+    fhir_dir: Path | None,
+    anonymize: bool,
     **runtime: object,
 ) -> None:
     """Answer questions about every image in INPUTS (files, folders, globs; DICOM included).
@@ -92,6 +121,24 @@ def screen(
         raise click.UsageError("--retry-errors needs --resume")
     if questions_file is not None and question_texts:
         raise click.UsageError("give --questions FILE or -q QUESTION, not both")
+    clinical = None
+    if protocol_file is not None or sr_dir is not None or fhir_dir is not None:
+        if questions_file is not None or question_texts:
+            raise click.UsageError(
+                "--protocol/--sr-dir/--fhir-dir ask the protocol's questions; drop --questions/-q"
+            )
+        from eyecare_edge.clinical.outputs import ClinicalOutputError
+        from eyecare_edge.clinical.protocol import ProtocolError
+        from eyecare_edge.clinical.screen_hook import ScreenClinical
+
+        try:
+            clinical = ScreenClinical.prepare(protocol_file, sr_dir, fhir_dir, anonymize)
+        except ProtocolError as e:
+            raise click.UsageError(str(e)) from e
+        except ClinicalOutputError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        task = "protocol"
     try:
         files = expand_inputs(inputs)
         if questions_file is not None:
@@ -111,10 +158,15 @@ def screen(
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     try:
-        if questions is None:
+        if clinical is not None:
+            questions = clinical.questions()
+        elif questions is None:
             questions = default_questions(task, manifest.prompt.report_prompt)
         # Checked before the model loads: a refused output should not cost a minute of loading.
-        results = ResultsFile(output, digest=manifest.digest(), resume=resume, retry_errors=retry_errors)
+        results_cls = ResultsFile
+        if anonymize:
+            from eyecare_edge.clinical.anonymize import AnonymizingResults as results_cls
+        results = results_cls(output, digest=manifest.digest(), resume=resume, retry_errors=retry_errors)
     except ScreenError as e:
         raise click.UsageError(str(e)) from e
     except OSError as e:
@@ -143,6 +195,14 @@ def screen(
             "llm": pipe.llm_entry.precision,
         }
         limit = max_tokens or (512 if task == "report" else 256)
+        hooks = {}
+        if clinical is not None:
+            try:
+                hooks = clinical.attach(pipe, results_path=output, resume=resume, max_tokens=limit)
+            except (ValueError, OSError) as e:  # an option letter the vocabulary lacks; an unwritable folder
+                results.close()
+                click.echo(f"error: {e}", err=True)
+                sys.exit(1)
         with results, _progress_bar(len(files) * len(questions), disabled=no_progress) as progress:
             try:
                 summary = run_screen(
@@ -154,6 +214,7 @@ def screen(
                     max_tokens=limit,
                     progress=progress,
                     extra_fields=extra,
+                    **hooks,
                 )
             except KeyboardInterrupt:
                 click.echo(f"\ninterrupted; finished items are in {output}: rerun with --resume", err=True)
@@ -175,6 +236,16 @@ def screen(
         click.echo(f"  error: {line}", err=True)
     if s.n_errors > len(shown):
         click.echo(f"  ... and {s.n_errors - len(shown)} more (see the 'error' field)", err=True)
+    if clinical is not None and (sr_dir is not None or fhir_dir is not None):
+        click.echo(
+            f"{clinical.n_written} file(s) written to "
+            + " and ".join(str(d) for d in (sr_dir, fhir_dir) if d is not None),
+            err=True,
+        )
+        for line in clinical.failures[:10]:
+            click.echo(f"  error: {line}", err=True)
+        if clinical.failures:
+            sys.exit(3)
     sys.exit(s.exit_code)
 
 

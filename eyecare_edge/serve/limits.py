@@ -234,7 +234,10 @@ class PipelinePool:
         first, then the pipeline goes back)."""
         ticket.started = True
         try:
-            pipe = await asyncio.wait_for(self._free.get(), timeout=max(ticket.remaining(), 0.001))
+            if self._free.empty():
+                pipe = await asyncio.wait_for(self._free.get(), timeout=max(ticket.remaining(), 0.001))
+            else:  # a free pipeline is taken at once, whatever the deadline
+                pipe = self._free.get_nowait()
         except (TimeoutError, asyncio.TimeoutError):
             ticket.release()
             raise ApiError(

@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "eyecare_edge.commands.inspect:inspect_images",
     "ask": "eyecare_edge.commands.ask:ask",
     "screen": "eyecare_edge.commands.screen:screen",
+    "serve": "eyecare_edge.commands.serve:serve",
     "bench": "eyecare_edge.commands.bench:bench",
     "perf": "eyecare_edge.commands.perf:perf",
 }

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
+from eyecare_edge.grammar import GrammarConstraint, GrammarError
+
 try:  # the runtime can still be imported (bundle checks, CLI help) where llama.cpp is absent
     # llama.cpp's OpenMP workers spin between operations by default; on a busy 2-8 core clinic
     # PC one descheduled spinner stalls every step (measured: Q4_K_M decode 4 tok/s spinning vs
@@ -724,6 +726,7 @@ class LlamaCppLM:
         seed: int | None = None,
         stop_strings: Sequence[str] = (),
         on_text: Callable[[str], None] | None = None,
+        grammar: str | None = None,
     ) -> Generation:
         """Evaluate `prompt` (if given, as `eval_prompt`) and sample up to `max_tokens` tokens.
 
@@ -736,6 +739,11 @@ class LlamaCppLM:
         on_text receives text pieces as soon as they are safe: complete UTF-8 characters that
         cannot be the start of a stop string. The pieces concatenate to `Generation.text`.
 
+        grammar: a GBNF grammar (root rule `root`, see `eyecare_edge.grammar`); the logits are
+        masked to the tokens it can accept before sampling, and generation ends only when it is
+        complete (or at max_tokens / a full context). A grammar llama.cpp cannot parse raises
+        LLMError before anything is evaluated.
+
         Afterwards the context holds the prompt and the generated tokens that were fed back:
         all of `tokens` after an "eog" stop, all but the last one otherwise (a token is fed back
         only to produce the next); `rewind(mark)` before the next question.
@@ -744,7 +752,7 @@ class LlamaCppLM:
             raise LLMError(f"max_tokens must be >= 1, got {max_tokens}")
         if temperature < 0.0 or not 0.0 < top_p <= 1.0 or top_k < 0:
             raise LLMError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
-        with self._locked():
+        with self._locked(), self._grammar(grammar) as constraint:
             t0 = time.perf_counter()
             if prompt is not None:
                 self._eval_parts(prompt)
@@ -758,9 +766,8 @@ class LlamaCppLM:
             first_token_s = 0.0
             while True:
                 ts = time.perf_counter()
-                tok = sample_token(
-                    self._logits_view(), temperature=temperature, top_p=top_p, top_k=top_k, rng=rng
-                )
+                logits = self._logits_view() if constraint is None else self._masked(constraint)
+                tok = sample_token(logits, temperature=temperature, top_p=top_p, top_k=top_k, rng=rng)
                 sample_s += time.perf_counter() - ts
                 if not tokens:
                     first_token_s = time.perf_counter() - t0
@@ -768,6 +775,8 @@ class LlamaCppLM:
                     stop_reason = "eog"
                     break
                 tokens.append(tok)
+                if constraint is not None:
+                    constraint.accept(tok)
                 self._emit(on_text, stream.feed(self._piece(tok, True)))
                 if stream.stopped:
                     stop_reason = "stop_string"
@@ -797,6 +806,70 @@ class LlamaCppLM:
         return Generation(
             text=stream.text, tokens=tokens, stop_reason=stop_reason, n_prompt=n_prompt, timings=timings
         )
+
+    @contextlib.contextmanager
+    def _grammar(self, gbnf: str | None) -> Iterator[GrammarConstraint | None]:
+        if gbnf is None:
+            yield None
+            return
+        try:
+            constraint = GrammarConstraint(self._vocab, gbnf, self._n_vocab)
+        except GrammarError as e:
+            raise LLMError(str(e)) from None
+        try:
+            yield constraint
+        finally:
+            constraint.free()
+
+    def _masked(self, constraint: GrammarConstraint) -> np.ndarray:
+        try:
+            return constraint.mask(self._logits_view())
+        except GrammarError as e:
+            raise LLMError(str(e)) from None
+
+    # ------------------------------------------------------------------ KV state save / restore
+
+    def save_state(self) -> bytearray:
+        """The context's KV cache (sequence 0, all `n_past` positions) as bytes, for
+        `load_state` on this or another context of the same GGUF and settings: an image prefix
+        evaluated once can be restored later instead of re-running vision and prefill.
+        Size: about n_past x n_layer x 2 x kv width x element size (f16 Phi-3.5: ~0.4 MB a position)."""
+        with self._locked():
+            size = int(_lib.llama_state_seq_get_size(self._ctx, 0))
+            blob = bytearray(size)
+            if size:
+                buf = (ctypes.c_uint8 * size).from_buffer(blob)
+                n = int(_lib.llama_state_seq_get_data(self._ctx, buf, size, 0))
+                del buf  # release the export of `blob` before it is resized or returned
+                if n == 0:
+                    raise LLMError("llama.cpp could not copy the KV cache state")
+                del blob[n:]
+            return blob
+
+    def load_state(self, blob: bytearray, n_past: int) -> None:
+        """Replace the context with a state from `save_state` that held `n_past` positions.
+        Like after `rewind`, there are no logits: evaluate at least one token next."""
+        with self._locked():
+            _lib.llama_memory_clear(self._memory, True)
+            self._n_past = 0
+            self._has_logits = False
+            if n_past > self._n_ctx:
+                raise LLMError(f"a saved state of {n_past} positions does not fit n_ctx {self._n_ctx}")
+            if not blob:
+                if n_past:
+                    raise LLMError(f"an empty saved state cannot hold {n_past} positions")
+                return
+            buf = (ctypes.c_uint8 * len(blob)).from_buffer(blob)
+            ok = int(_lib.llama_state_seq_set_data(self._ctx, buf, len(blob), 0))
+            del buf
+            restored = int(_lib.llama_memory_seq_pos_max(self._memory, 0)) + 1 if ok else -1
+            if restored != n_past:
+                _lib.llama_memory_clear(self._memory, True)
+                raise LLMError(
+                    f"llama.cpp could not restore a saved state of {n_past} positions "
+                    f"(restored {max(restored, 0)}; from a different model or context settings?)"
+                )
+            self._n_past = n_past
 
     def _emit(self, on_text: Callable[[str], None] | None, piece: str) -> None:
         if on_text is None or not piece:

@@ -21,6 +21,11 @@ question text as the next one, whether cached or fresh, so both paths feed llama
 batches: answers are identical to a fresh evaluation (tested), and `Answer.cached_prefix` says
 which path ran.
 
+Only the last prefix lives in the KV cache. With `pipe.prefix_cache = PrefixCache(max_bytes)`
+(`prefix_cache.py`; one cache may serve several pipelines of the same bundle and options) the KV
+state of each fresh image prefix is also saved, and an image asked about again after others
+restores its prefix instead of re-running vision and prefill (answers identical, tested).
+
 Thread safety: a `Pipeline` serialises its calls with one lock (decoding files runs outside it),
 so one instance may be shared by threads of a server; requests then run one at a time. For
 parallel answers load one `Pipeline` per worker (each has its own llama.cpp context). The
@@ -56,6 +61,7 @@ from eyecare_edge.images import (
 )
 from eyecare_edge.layout import layout_image
 from eyecare_edge.llm import LlamaCppLM, LLMError, LLMOptions
+from eyecare_edge.prefix_cache import PrefixCache, PrefixState
 from eyecare_edge.preprocess import PreprocessConfig, TilePlan, preprocess_images
 from eyecare_edge.prompts import (
     IMAGE_PLACEHOLDER,
@@ -81,6 +87,9 @@ LLM_AUTO_ORDER = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0", "f16", "bf16", "f3
 TEXT_ROOM = 1024
 # Phi-3.5's LongRoPE switches factors at 4096 in HF but by allocated context in llama.cpp.
 PHI3_MAX_CTX = 4096
+# Options that do not change an image prefix's KV state (so pipelines differing only in
+# these share prefix-cache entries).
+_NOT_IN_PREFIX_KEY = frozenset({"verify", "build_engine", "seed"})
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray | DecodedImage
 
@@ -309,6 +318,8 @@ class Pipeline:
         self._preprocess_key = json.dumps(preprocess.to_dict(), sort_keys=True)
         self._prefix: _Prefix | None = None
         self._lock = threading.RLock()
+        # Cross-request image prefixes (see prefix_cache.py); None: only the last one, in the KV.
+        self.prefix_cache: PrefixCache | None = None
 
     # ------------------------------------------------------------------ loading
 
@@ -489,10 +500,14 @@ class Pipeline:
         top_k: int = 0,
         seed: int | None = None,
         stream: Callable[[str], None] | None = None,
+        grammar: str | None = None,
+        stop: Sequence[str] = (),
     ) -> Answer:
         """Answer `question` about `images` (a path, bytes, RGB array, or a list of them; [] for a
         text-only question). Greedy by default. `stream` receives text pieces as they are
-        generated (they concatenate to the unstripped answer).
+        generated (they concatenate to the unstripped answer). `grammar`: a GBNF grammar the
+        answer must follow (`eyecare_edge.grammar.json_schema_grammar` makes one from a JSON
+        schema). `stop`: stop strings on top of the bundle's.
 
         Raises ImageError (an image that cannot be read), ValueError (bad placeholders),
         LLMError (the prompt does not fit n_ctx) or VisionError.
@@ -511,6 +526,8 @@ class Pipeline:
         prefix_prefill_ms = 0.0
         with self._lock, self.lm.exclusive():
             cached = self._prefix is not None and self._prefix.key == key
+            if not cached and inputs and self.prefix_cache is not None:
+                cached = self._restore_prefix(key, timings)
             if cached:
                 self.lm.rewind(self._prefix.mark)
             else:
@@ -533,6 +550,8 @@ class Pipeline:
                     raise
                 prefix_prefill_ms = 1000.0 * (time.perf_counter() - t_vis)
                 self._prefix = _Prefix(key, self.lm.mark(), sum(s.shape[0] for s in sequences))
+                if inputs and self.prefix_cache is not None:
+                    self._save_prefix(timings)
             n_image_tokens = self._prefix.n_image_tokens
             gen = self.lm.generate(
                 max_tokens,
@@ -541,8 +560,9 @@ class Pipeline:
                 top_p=top_p,
                 top_k=top_k,
                 seed=seed,
-                stop_strings=self.manifest.prompt.stop_strings,
+                stop_strings=[*self.manifest.prompt.stop_strings, *stop],
                 on_text=stream,
+                grammar=grammar,
             )
         t_end = time.perf_counter()
         g = gen.timings
@@ -585,6 +605,35 @@ class Pipeline:
         with self._lock, self.lm.exclusive():
             answer = self.ask(images, question, max_tokens=1)
             return self.lm.last_logits(), answer
+
+    def _cache_key(self, key: tuple) -> tuple:
+        # What shapes the KV bytes: the bundle, the GGUF, the options (token budget, context size,
+        # KV type, threads...; not checks or the seed) and the prompt key (image digests, preprocessing, text).
+        opts = {k: v for k, v in asdict(self.options).items() if k not in _NOT_IN_PREFIX_KEY}
+        return (self.digest, self.llm_entry.path, json.dumps(opts, sort_keys=True, default=str), key)
+
+    def _restore_prefix(self, key: tuple, timings: dict[str, float]) -> bool:
+        """Load a cached KV state for `key` into the context; False when there is none."""
+        state = self.prefix_cache.get(self._cache_key(key))
+        if state is None:
+            return False
+        t = time.perf_counter()
+        self._prefix = None
+        try:
+            self.lm.load_state(state.blob, state.n_past)
+        except LLMError:
+            self.lm.reset()
+            return False
+        self._prefix = _Prefix(key, state.n_past, state.n_image_tokens)
+        timings["restore_ms"] = 1000.0 * (time.perf_counter() - t)
+        return True
+
+    def _save_prefix(self, timings: dict[str, float]) -> None:
+        t = time.perf_counter()
+        prefix = self._prefix
+        state = PrefixState(self.lm.save_state(), prefix.mark, prefix.n_image_tokens)
+        self.prefix_cache.put(self._cache_key(prefix.key), state)
+        timings["save_ms"] = 1000.0 * (time.perf_counter() - t)
 
     def forget_images(self) -> None:
         """Drop the cached image prefix (the next question evaluates its images afresh)."""

@@ -31,6 +31,10 @@ RUNTIME_MODULES = [
     "eyecare_edge.clinical",
     "eyecare_edge.clinical.sr",
     "eyecare_edge.clinical.fhir",
+    "eyecare_edge.grammar",
+    "eyecare_edge.prefix_cache",
+    "eyecare_edge.serve.app",
+    "eyecare_edge.commands.serve",
 ]
 
 

@@ -1,0 +1,256 @@
+"""`eyecare-edge serve`: the OpenAI-compatible local server (needs the `serve` extra; no torch)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import click
+
+from eyecare_edge.commands.ask import pipeline_options, runtime_options
+
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
+
+
+def _shared_option(name: str) -> bool:
+    """Whether the options `ask` and `screen` share already define `name` (then serve takes it
+    from there instead of defining it twice)."""
+    probe = runtime_options(lambda **kw: None)
+    return any(name in param.opts for param in getattr(probe, "__click_params__", []))
+
+
+def _visual_tokens_option(f):
+    if _shared_option("--visual-tokens"):
+        return f
+    return click.option(
+        "--visual-tokens",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Token budget per image (needs budget support).",
+    )(f)
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_key(api_key: str | None, api_key_file: Path | None) -> str | None:
+    if api_key and api_key_file:
+        raise click.UsageError("give --api-key or --api-key-file, not both")
+    if api_key_file is not None:
+        try:
+            api_key = api_key_file.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise click.UsageError(
+                f"--api-key-file {api_key_file}: cannot read it ({e.strerror or e})"
+            ) from None
+        if not api_key:
+            raise click.UsageError(f"--api-key-file {api_key_file}: the file is empty")
+    if api_key is not None and len(api_key) < 8:
+        raise click.UsageError("the API key must be at least 8 characters")
+    return api_key or None
+
+
+@click.command("serve")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Pipelines answering at once (in this process; each has its own llama.cpp context).",
+)
+@click.option(
+    "--api-key",
+    envvar="EYECARE_API_KEY",
+    default=None,
+    help="Require 'Authorization: Bearer KEY' (env EYECARE_API_KEY).",
+)
+@click.option(
+    "--api-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Read the API key from this file.",
+)
+@click.option(
+    "--allowed-media-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Allow image_url local paths, only inside this directory.",
+)
+@_visual_tokens_option
+@click.option(
+    "--max-body-mb",
+    type=click.FloatRange(min=0.01),
+    default=32.0,
+    show_default=True,
+    help="Largest request body (413 beyond).",
+)
+@click.option(
+    "--queue",
+    type=click.IntRange(min=0),
+    default=8,
+    show_default=True,
+    help="Requests waiting beyond --workers (429 beyond).",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0.1),
+    default=300.0,
+    show_default=True,
+    help="Per-request limit in seconds, queueing included.",
+)
+@click.option(
+    "--max-images",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Images per request at most.",
+)
+@click.option(
+    "--prefix-cache-mb",
+    type=click.FloatRange(min=0),
+    default=2048.0,
+    show_default=True,
+    help="Memory for reused image prefixes (0: off).",
+)
+@click.option("--model-id", default=None, help="Model name clients send [the bundle directory's name].")
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
+)
+@runtime_options
+def serve(
+    bundle: Path,
+    host: str,
+    port: int,
+    workers: int,
+    api_key: str | None,
+    api_key_file: Path | None,
+    allowed_media_dir: Path | None,
+    max_body_mb: float,
+    queue: int,
+    timeout_s: float,
+    max_images: int,
+    prefix_cache_mb: float,
+    model_id: str | None,
+    log_level: str,
+    visual_tokens: int | None = None,
+    **runtime: object,
+) -> None:
+    """Serve BUNDLE over an OpenAI-compatible HTTP API (POST /v1/chat/completions, GET /v1/models,
+    /health, /metrics) and a page at / for asking about a photo in a browser.
+
+    \b
+    Examples:
+      eyecare-edge serve bundles/eyecare-3.8b
+      eyecare-edge serve bundles/eyecare-3.8b --host 0.0.0.0 --api-key-file /etc/eyecare/key --workers 2
+    Safe by default: binds 127.0.0.1; any other address needs an API key. Exit codes: 0 stopped;
+    1 the bundle cannot be loaded; 2 bad usage.
+    """
+    try:
+        import uvicorn
+
+        from eyecare_edge.serve.app import ServeConfig, ServerState, create_app
+    except ImportError as e:
+        click.echo(
+            f"error: the server needs the serve extra: pip install 'eyecare-edge[serve]' ({e})", err=True
+        )
+        sys.exit(1)
+    from eyecare_edge.bundle import BundleError, read_manifest
+    from eyecare_edge.llm import physical_cores
+    from eyecare_edge.pipeline import Pipeline, PipelineOptions, choose_llm
+    from eyecare_edge.prefix_cache import PrefixCache
+    from eyecare_edge.serve.media import MediaPolicy
+
+    key = read_key(api_key, api_key_file)
+    loopback = is_loopback(host)
+    if not loopback and key is None:
+        raise click.UsageError(
+            f"--host {host} is reachable from other machines; refusing to serve it without an API key "
+            "(give --api-key-file FILE or --api-key KEY, or bind 127.0.0.1)"
+        )
+    if _shared_option("--visual-tokens"):  # then the shared options turn it into PipelineOptions
+        runtime["visual_tokens"] = visual_tokens
+    opts = pipeline_options(runtime)
+    if visual_tokens is not None:
+        if "visual_tokens" not in {f.name for f in fields(PipelineOptions)}:
+            raise click.UsageError(
+                "--visual-tokens: this build's Pipeline has no token budgets (PipelineOptions.visual_tokens); "
+                "use --max-tiles to bound the tiles per image"
+            )
+        opts.visual_tokens = visual_tokens  # type: ignore[attr-defined]
+    if opts.n_threads is None:
+        opts.n_threads = max(1, physical_cores() // workers)
+    if opts.vision_threads is None:
+        opts.vision_threads = max(1, physical_cores() // workers)
+    try:
+        manifest = read_manifest(bundle)
+        choose_llm(manifest, opts.llm)
+    except BundleError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+    cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+
+    def load() -> list[Pipeline]:
+        pipes: list[Pipeline] = []
+        try:
+            for i in range(workers):
+                pipe = Pipeline.load(
+                    bundle, opts, progress=lambda m: click.echo(m, err=True), verify=opts.verify and i == 0
+                )
+                pipe.prefix_cache = cache
+                pipes.append(pipe)
+        except BaseException:
+            for p in pipes:
+                p.close()
+            raise
+        return pipes
+
+    config = ServeConfig(
+        bundle=bundle,
+        model_id=model_id or bundle.resolve().name,
+        manifest=manifest,
+        api_key=key,
+        workers=workers,
+        queue=queue,
+        timeout_s=timeout_s,
+        max_body_bytes=int(max_body_mb * 2**20),
+        max_images=max_images,
+        media=MediaPolicy(allowed_media_dir, opts.max_pixels),
+        loopback_only=loopback,
+    )
+    state = ServerState(config, load)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(state),
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=log_level == "debug",
+            timeout_graceful_shutdown=5,
+        )
+    )
+    state.on_fatal = lambda: setattr(server, "should_exit", True)
+    click.echo(
+        f"eyecare-edge serve: http://{host}:{port} model {config.model_id!r}, {workers} worker(s), "
+        f"queue {queue}, API key {'required' if key else 'off'}, local media "
+        f"{allowed_media_dir or 'off'}",
+        err=True,
+    )
+    server.run()
+    if state.status == "error":
+        click.echo(f"error: {state.load_error}", err=True)
+        sys.exit(1)

@@ -1,0 +1,185 @@
+"""Answering one request on a pipeline thread: the job, the OpenAI chunk stream, error mapping.
+
+The job runs `Pipeline.ask` with a stream callback that (1) passes text pieces to the event loop
+for server-sent events, (2) stops the generation when the request's deadline has passed, its
+client is gone or the server is shutting down (by raising inside the callback: llama.cpp's loop
+unwinds at the next token and the pipeline stays usable), and (3) strips the pieces the way
+`Answer.text` is stripped, so streamed and non-streamed answers are the same text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from eyecare_edge.images import ImageError
+from eyecare_edge.llm import LLMError
+from eyecare_edge.serve.errors import ApiError
+from eyecare_edge.serve.limits import Cancelled, RequestTimeout
+from eyecare_edge.serve.openai_schema import (
+    FINISH_REASONS,
+    ChatRequest,
+    chunk_body,
+    completion_id,
+    now,
+    usage,
+)
+
+log = logging.getLogger("eyecare_edge.serve")
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events; `on_close` runs however the response ends (client gone included)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._on_close = on_close
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def make_job(
+    req: ChatRequest,
+    images: list,
+    ticket: Any,
+    t0: float,
+    loop: asyncio.AbstractEventLoop | None,
+    queue: asyncio.Queue | None,
+) -> Callable[[Any], tuple[Any, float]]:
+    """The work done on a pipeline thread: ask, streaming pieces to `queue` when given, aborting
+    when the request's deadline passes or its client is gone."""
+    first: list[float] = []
+    strip = _Strip()
+
+    def on_text(piece: str) -> None:
+        if not first:
+            first.append(time.monotonic())
+        if ticket.cancelled or ticket.pool.stopping:
+            raise Cancelled()
+        if time.monotonic() > ticket.deadline:
+            raise RequestTimeout()
+        piece = strip.feed(piece)
+        if queue is not None and piece:
+            loop.call_soon_threadsafe(queue.put_nowait, piece)
+
+    def work(pipe: Any) -> tuple[Any, float]:
+        answer = pipe.ask(
+            images,
+            req.question,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=req.seed,
+            stream=on_text,
+            grammar=req.grammar,
+            stop=req.stop,
+        )
+        ttft = (first[0] if first else time.monotonic()) - t0
+        return answer, ttft
+
+    return work
+
+
+class _Strip:
+    """Streamed pieces that concatenate to the stripped answer (`Answer.text`): leading
+    whitespace dropped, trailing whitespace held back until more text follows it."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.pending = ""
+
+    def feed(self, piece: str) -> str:
+        if not self.started:
+            piece = piece.lstrip()
+            if not piece:
+                return ""
+            self.started = True
+        text = self.pending + piece
+        kept = text.rstrip()
+        self.pending = text[len(kept) :]
+        return kept
+
+
+def as_api_error(e: BaseException) -> BaseException:
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, RequestTimeout):
+        return ApiError(504, "the answer took longer than the request timeout (--timeout)", "timeout")
+    if isinstance(e, ImageError):
+        return ApiError(400, f"the image is not usable: {e}")
+    if isinstance(e, LLMError) and "do not fit" in str(e):
+        return ApiError(400, f"the request does not fit the context: {e}", "context_length_exceeded")
+    if isinstance(e, ValueError):
+        return ApiError(400, str(e))
+    return e
+
+
+async def stream_answer(
+    state: Any, req: ChatRequest, images: list, ticket: Any, t0: float
+) -> AsyncIterator[str]:
+    """OpenAI's chunk stream: a role chunk, content chunks, a finish chunk, an optional usage
+    chunk, then `data: [DONE]`. An error after the stream started is sent as an error event."""
+    cfg = state.config
+    cid, created = completion_id(), now()
+    fingerprint = state.pool.pipelines[0].digest[:16]
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    task = asyncio.ensure_future(state.pool.run(ticket, make_job(req, images, ticket, t0, loop, pieces)))
+    # A client that left before the end leaves the task's exception unread: read it (no warning).
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def event(body: dict) -> str:
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    try:
+        yield event(
+            chunk_body(cid, created, cfg.model_id, fingerprint, delta={"role": "assistant", "content": ""})
+        )
+        while True:
+            getter = asyncio.ensure_future(pieces.get())
+            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                yield event(
+                    chunk_body(cid, created, cfg.model_id, fingerprint, delta={"content": getter.result()})
+                )
+                continue
+            getter.cancel()
+            break
+        while not pieces.empty():
+            yield event(
+                chunk_body(cid, created, cfg.model_id, fingerprint, delta={"content": pieces.get_nowait()})
+            )
+        try:
+            answer, ttft = task.result()
+        except BaseException as e:
+            err = as_api_error(e)
+            if not isinstance(err, ApiError):
+                log.error("stream failed: %s: %s", type(e).__name__, e)
+                err = ApiError(500, f"internal error ({type(e).__name__}: {e})", "server_error")
+            yield event(err.body())
+            yield "data: [DONE]\n\n"
+            return
+        state.metrics.observe_answer(ttft_s=ttft, total_s=time.monotonic() - t0, answer=answer)
+        finish = FINISH_REASONS.get(answer.stop_reason, "stop")
+        yield event(chunk_body(cid, created, cfg.model_id, fingerprint, delta={}, finish_reason=finish))
+        if req.include_usage:
+            yield event(chunk_body(cid, created, cfg.model_id, fingerprint, usage_=usage(answer)))
+        yield "data: [DONE]\n\n"
+    finally:
+        if not task.done():
+            ticket.cancelled = True  # the generation stops at its next piece

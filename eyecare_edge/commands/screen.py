@@ -77,6 +77,7 @@ def screen(
     threads_per_worker: int | None,
     gpus_per_worker: float | None,
     part_format: str | None,
+    sources_per_batch: int | None,
     **runtime: object,
 ) -> None:
     """Answer questions about every image in INPUTS (files, folders, globs; DICOM included).
@@ -117,9 +118,11 @@ def screen(
         raise click.UsageError("--retry-errors needs --resume")
     if questions_file is not None and question_texts:
         raise click.UsageError("give --questions FILE or -q QUESTION, not both")
-    ray_given = [address, workers, threads_per_worker, gpus_per_worker, part_format]
+    ray_given = [address, workers, threads_per_worker, gpus_per_worker, part_format, sources_per_batch]
     if engine == "local" and any(v is not None for v in ray_given):
-        raise click.UsageError("--address/--workers/--threads-per-worker/--gpus-per-worker/--part-format need --engine ray")
+        raise click.UsageError(
+            "--address/--workers/--threads-per-worker/--gpus-per-worker/--sources-per-batch/--part-format need --engine ray"
+        )
     try:
         files = [] if engine == "ray" else expand_paths(inputs)  # ray: sources are resolved there
         if questions_file is not None:
@@ -161,6 +164,7 @@ def screen(
                 threads_per_worker=threads_per_worker or 1,
                 gpus_per_worker=gpus_per_worker or 0.0,
                 part_format=part_format or "jsonl",
+                sources_per_batch=sources_per_batch or 1,
             )
         # Checked before the model loads: a refused output should not cost a minute of loading.
         results = ResultsFile(output, digest=manifest.digest(), resume=resume, retry_errors=retry_errors)

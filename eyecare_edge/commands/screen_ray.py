@@ -36,6 +36,12 @@ _RAY_OPTIONS = [
         help="GPUs per actor (e.g. 0.5: two actors share a GPU) [0].",
     ),
     click.option(
+        "--sources-per-batch",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Files per Ray task: more amortises Ray's per-task cost on fast models, fewer loses less when a worker dies [1].",
+    ),
+    click.option(
         "--part-format",
         type=click.Choice(["jsonl", "parquet"]),
         default=None,
@@ -69,6 +75,7 @@ def screen_on_ray(
     threads_per_worker: int,
     gpus_per_worker: float,
     part_format: str,
+    sources_per_batch: int = 1,
 ) -> None:
     """Resolve sources, open the parts directory, run the pool, print the summary, exit."""
     from eyecare_edge.distributed.inputs import resolve_sources
@@ -105,6 +112,7 @@ def screen_on_ray(
         workers=workers,
         threads_per_worker=threads_per_worker,
         gpus_per_worker=gpus_per_worker,
+        sources_per_batch=sources_per_batch,
     )
     try:
         summary = run_ray_screen(

@@ -83,12 +83,22 @@ class RaySummary:
     n_previous_errors: int = 0
     n_crashed_sources: int = 0  # sources whose worker died on every try (error lines written)
     seconds: float = 0.0
+    first_result_s: float = 0.0  # start-up: connecting, starting actors, loading the model
+    first_block_items: int = 0
     workers: dict[str, WorkerStats] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
     @property
     def items_per_s(self) -> float:
         return self.n_items / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_items_per_s(self) -> float:
+        """Items/s after the first block arrived (its items excluded): the pool's rate without
+        its start-up. Blocks finished while the driver was busy can make it read high."""
+        dt = self.seconds - self.first_result_s
+        n = self.n_items - self.first_block_items
+        return n / dt if self.first_result_s > 0 and dt > 0 and n > 0 else 0.0
 
     @property
     def exit_code(self) -> int:
@@ -105,6 +115,8 @@ class RaySummary:
             "crashed_sources": self.n_crashed_sources,
             "seconds": round(self.seconds, 2),
             "items_per_s": round(self.items_per_s, 3),
+            "first_result_s": round(self.first_result_s, 2),
+            "steady_items_per_s": round(self.steady_items_per_s, 3),
             "workers": {
                 w: {"items": s.items, "busy_s": round(s.busy_s, 2), "items_per_s": round(s.items_per_s, 3)}
                 for w, s in sorted(self.workers.items())
@@ -349,6 +361,9 @@ def run_ray_screen(
     t0 = time.perf_counter()
 
     def take(rows: list[dict], busy: list[float]) -> None:
+        if not summary.first_result_s:
+            summary.first_result_s = time.perf_counter() - t0
+            summary.first_block_items = len(rows)
         for row, b in zip(rows, busy, strict=True):
             if row["id"] in st.done_ids:
                 continue
@@ -422,6 +437,10 @@ def print_summary(
         + (f", {s.n_crashed_sources} file(s) crashed every worker" if s.n_crashed_sources else "")
         + f"; results in {out}"
     )
+    if s.first_result_s:
+        echo(
+            f"  first result after {s.first_result_s:.1f} s (start-up), then {s.steady_items_per_s:.2f} items/s"
+        )
     for w, ws in sorted(s.workers.items()):
         echo(f"  worker {w}: {ws.items} item(s), {ws.busy_s:.1f} s busy, {ws.items_per_s:.2f} items/s")
     for line in s.errors[:10]:

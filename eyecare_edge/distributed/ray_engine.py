@@ -345,7 +345,8 @@ def run_ray_screen(
 ) -> RaySummary:
     """Screen `sources` on a Ray cluster into `parts`, skipping sources the parts complete.
 
-    `report` gets our progress lines and notices; `progress` also turns Ray's bars on or off;
+    `report` gets notices and (when `progress`) our progress lines; `progress` also turns Ray's
+    bars on or off;
     `on_rows` sees every block of lines as it arrives (tests kill workers from it);
     `pipeline_factory` replaces `Pipeline.load` in the actors (tests only).
     """
@@ -356,7 +357,8 @@ def run_ray_screen(
     summary.n_skipped = sum(len(st.ids_by_source.get(s.source_id, ())) for s in sources)
     nq = len(config.questions)
     prog = RayProgress(
-        total=len(pending) * nq - sum(len(st.ids_by_source.get(s.source_id, ())) for s in pending), report=say
+        total=len(pending) * nq - sum(len(st.ids_by_source.get(s.source_id, ())) for s in pending),
+        report=say if progress else (lambda line: None),
     )
     t0 = time.perf_counter()
 
@@ -416,7 +418,7 @@ def run_ray_screen(
             parts.write(rows)
             summary.n_crashed_sources += 1
     summary.seconds = time.perf_counter() - t0
-    if pending:
+    if pending and progress:
         say(prog.line())
     return summary
 

@@ -27,7 +27,7 @@ _RAY_OPTIONS = [
         "--threads-per-worker",
         type=click.IntRange(min=1),
         default=None,
-        help="CPU threads per actor, its Ray num_cpus (llama.cpp and vision threads) [1].",
+        help="CPU threads per actor, its Ray num_cpus (llama.cpp and vision threads; replaces --threads/--vision-threads) [1].",
     ),
     click.option(
         "--gpus-per-worker",

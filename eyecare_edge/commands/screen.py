@@ -8,13 +8,18 @@ from pathlib import Path
 import click
 
 from eyecare_edge.commands.ask import pipeline_options, runtime_options
+from eyecare_edge.commands.screen_ray import ray_options
 
 
 @click.command("screen")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("inputs", nargs=-1, required=True)
 @click.option(
-    "-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Results JSONL."
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Results JSONL; with --engine ray a directory of parts.",
 )
 @click.option(
     "--task",
@@ -71,6 +76,14 @@ from eyecare_edge.commands.ask import pipeline_options, runtime_options
     is_flag=True,
     help="Drop patient/study identifiers and paths from every output (SR, FHIR, JSONL); UIDs are replaced consistently.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process, one JSONL. ray: a Ray Data actor pool (pip install 'eyecare-edge[ray]'), -o is a directory of parts.",
+)
+@ray_options
 @runtime_options
 def screen(
     bundle: Path,
@@ -87,6 +100,13 @@ def screen(
     sr_dir: Path | None,
     fhir_dir: Path | None,
     anonymize: bool,
+    engine: str,
+    address: str | None,
+    workers: int | None,
+    threads_per_worker: int | None,
+    gpus_per_worker: float | None,
+    part_format: str | None,
+    sources_per_batch: int | None,
     **runtime: object,
 ) -> None:
     """Answer questions about every image in INPUTS (files, folders, globs; DICOM included).
@@ -97,13 +117,20 @@ def screen(
     rerun with --resume and it skips what is done (errored items too, unless --retry-errors).
 
     \b
+    INPUTS may also be manifests: CSV/TSV/JSONL/Parquet with a `path` and an optional `id`
+    column, or a .txt file list. --engine ray runs the same items on a Ray cluster (a laptop,
+    `ray start --head`, KubeRay) into a directory of parts; see README "Archive-scale screening".
+
+    \b
     Examples:
       eyecare-edge screen bundles/eyecare-3.8b clinic/2024-06/ -o reports.jsonl
+      eyecare-edge screen bundles/eyecare-3.8b archive.csv -o out/ --engine ray --workers 8 --threads-per-worker 4
       eyecare-edge screen bundles/eyecare-3.8b 'scans/**/*.dcm' -o dr.jsonl --task closed --questions dr.json --resume
     Exit codes: 0 every item succeeded; 3 finished with per-item errors; 1 could not start
     (bad bundle, unwritable output); 2 bad usage.
     """
     from eyecare_edge.bundle import BundleError, read_manifest
+    from eyecare_edge.distributed.inputs import expand_paths
     from eyecare_edge.llm import LLMError
     from eyecare_edge.pipeline import Pipeline
     from eyecare_edge.screening import (
@@ -111,7 +138,6 @@ def screen(
         ResultsFile,
         ScreenError,
         default_questions,
-        expand_inputs,
         load_questions,
         run_screen,
     )
@@ -139,8 +165,17 @@ def screen(
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
         task = "protocol"
+    if engine == "ray" and (clinical is not None or anonymize):
+        raise click.UsageError(
+            "--protocol/--sr-dir/--fhir-dir/--anonymize run on the local engine only; drop --engine ray"
+        )
+    ray_given = [address, workers, threads_per_worker, gpus_per_worker, part_format, sources_per_batch]
+    if engine == "local" and any(v is not None for v in ray_given):
+        raise click.UsageError(
+            "--address/--workers/--threads-per-worker/--gpus-per-worker/--sources-per-batch/--part-format need --engine ray"
+        )
     try:
-        files = expand_inputs(inputs)
+        files = [] if engine == "ray" else expand_paths(inputs)  # ray: sources are resolved there
         if questions_file is not None:
             questions = load_questions(questions_file, task)
         elif question_texts:
@@ -162,6 +197,28 @@ def screen(
             questions = clinical.questions()
         elif questions is None:
             questions = default_questions(task, manifest.prompt.report_prompt)
+        if engine == "ray":  # never returns: exits with the run's code
+            from eyecare_edge.commands.screen_ray import screen_on_ray
+
+            screen_on_ray(
+                bundle=bundle,
+                inputs=inputs,
+                output=output,
+                digest=manifest.digest(),
+                questions=questions,
+                task=task,
+                max_tokens=max_tokens or (512 if task == "report" else 256),
+                resume=resume,
+                retry_errors=retry_errors,
+                no_progress=no_progress,
+                runtime=runtime,
+                address=address,
+                workers=workers or 1,
+                threads_per_worker=threads_per_worker or 1,
+                gpus_per_worker=gpus_per_worker or 0.0,
+                part_format=part_format or "jsonl",
+                sources_per_batch=sources_per_batch or 1,
+            )
         # Checked before the model loads: a refused output should not cost a minute of loading.
         results_cls = ResultsFile
         if anonymize:

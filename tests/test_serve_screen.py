@@ -350,3 +350,31 @@ def test_the_deadline_is_checked_before_every_question(pipe, assets):
     Ticket.deadline, Ticket.cancelled = time.monotonic() + 60, True
     with pytest.raises(Cancelled):
         answer_protocol(GuardedPipeline(pipe, frames, Ticket()), b"x", load_protocol())
+
+
+def test_answers_only_server_anonymizes_every_request(assets, tmp_path):
+    """No --sr-dir/--fhir-dir: the answers come back, nothing is written; the server's --anonymize
+    cannot be undone by a request."""
+    srv = _start_server(
+        assets.bundle, tmp_path / "server.log", "--anonymize", "--workers", "1",
+        "--llm", "f32", "--vision-precision", "fp32", "--threads", "1", "--vision-threads", "1",
+    )  # fmt: skip
+    try:
+        src_path = make_op_dicom(tmp_path / "op.dcm", side=200)
+        src = pydicom.dcmread(src_path)
+        body = {"image": _data_uri(src_path.read_bytes()), "max_tokens": 2, "anonymize": False}
+        status, _, res = _post(
+            srv.base + "/v1/screen", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        assert status == 200, res
+        assert res["anonymized"] is True and res["files"] == {} and res["protocol"]["id"] == DEFAULT_ID
+        assert [a["question_id"] for a in res["answers"]] == ["dr_grade", "macular_edema", "findings"]
+        leaked = [v for v in [*IDENTIFIERS, src.StudyInstanceUID, src.SOPInstanceUID] if v in json.dumps(res)]
+        assert not leaked, leaked
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["op.dcm", "server.log"]
+        status, raw = _get(srv.base + "/v1/protocols")
+        assert json.loads(raw)["filing"] == {"sr": False, "fhir": False, "anonymize": True}
+    finally:
+        srv.proc.terminate()
+        srv.proc.wait(timeout=20)
+    assert "Traceback" not in srv.log.read_text()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import threading
 import time
@@ -37,6 +38,7 @@ from eyecare_edge.serve.errors import ApiError
 from eyecare_edge.serve.limits import Cancelled, RequestTimeout
 from eyecare_edge.serve.media import MediaPolicy, data_uri_bytes, resolve_local
 
+log = logging.getLogger("eyecare_edge.serve")
 FIELDS = frozenset({"image", "protocol", "max_tokens", "anonymize", "model"})
 DICOM_QUERY = frozenset({"protocol", "max_tokens", "anonymize"})
 DEFAULT_MAX_TOKENS = 256
@@ -520,6 +522,8 @@ async def run_screen_request(state: Any, req: ScreenRequest, t0: float) -> Scree
     except Exception as e:
         err = as_screen_error(e)
         if isinstance(err, ApiError):
+            if err.status >= 500:
+                log.error("screening failed: %s", err.message)
             raise err from None
         raise
     state.metrics.observe_screening(total_s=time.monotonic() - t0, result=result)

@@ -138,13 +138,8 @@ def add_screen_routes(
     require_ready: Callable[[], None],
 ) -> None:
     """POST /v1/screen (run a protocol on one image, file SR + FHIR) and GET /v1/protocols."""
-    from eyecare_edge.serve.screen import (
-        clinical_unavailable,
-        protocols_body,
-        read_screen_request,
-        run_screen_request,
-        screen_body,
-    )
+    from eyecare_edge.serve.screen import clinical_unavailable, run_screen_request
+    from eyecare_edge.serve.screen_schema import protocols_body, read_screen_request, screen_body
 
     cfg = state.config
 

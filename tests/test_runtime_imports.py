@@ -34,6 +34,8 @@ RUNTIME_MODULES = [
     "eyecare_edge.grammar",
     "eyecare_edge.prefix_cache",
     "eyecare_edge.serve.app",
+    "eyecare_edge.serve.screen",
+    "eyecare_edge.serve.screen_schema",
     "eyecare_edge.commands.serve",
 ]
 

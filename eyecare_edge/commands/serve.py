@@ -59,6 +59,34 @@ def read_key(api_key: str | None, api_key_file: Path | None) -> str | None:
     return api_key or None
 
 
+def _clinical_config(
+    protocol_files: list[Path], sr_dir: Path | None, fhir_dir: Path | None, anonymize: bool, max_frames: int
+):
+    """(ClinicalConfig or None, why not). Asked for (any clinical option): a bad protocol is a
+    usage error (exit 2), a missing extra or an unwritable folder exit 1. Not asked for: the
+    packaged protocol if the clinical extra is installed, else the endpoint says what to install."""
+    asked = bool(protocol_files or sr_dir or fhir_dir or anonymize)
+    try:
+        from eyecare_edge.clinical import ProtocolError
+        from eyecare_edge.clinical.outputs import ClinicalOutputError
+        from eyecare_edge.serve.screen import load_clinical_config
+    except ImportError as e:
+        reason = f"the clinical extra is not installed: pip install 'eyecare-edge[clinical]' ({e})"
+        if asked:
+            click.echo(f"error: {reason}", err=True)
+            sys.exit(1)
+        return None, reason
+    try:
+        return load_clinical_config(protocol_files, sr_dir, fhir_dir, anonymize, max_frames), ""
+    except ProtocolError as e:
+        if not asked:
+            return None, str(e)
+        raise click.UsageError(f"--protocol: {e}") from None
+    except ClinicalOutputError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
 @click.command("serve")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
@@ -125,6 +153,38 @@ def read_key(api_key: str | None, api_key_file: Path | None) -> str | None:
     show_default=True,
     help="Memory for reused image prefixes (0: off).",
 )
+@click.option(
+    "--protocol",
+    "protocol_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Screening protocol YAML for POST /v1/screen (repeatable; the first is the default) "
+    "[the packaged DR protocol].",
+)
+@click.option(
+    "--sr-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="POST /v1/screen files a DICOM SR per image here.",
+)
+@click.option(
+    "--fhir-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="POST /v1/screen files a FHIR R4 Bundle per image here.",
+)
+@click.option(
+    "--anonymize",
+    is_flag=True,
+    help="Drop patient/study identifiers and replace UIDs in every screening's files and answer.",
+)
+@click.option(
+    "--max-frames",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Frames of one image POST /v1/screen answers at most (multi-frame OCT).",
+)
 @click.option("--model-id", default=None, help="Model name clients send [the bundle directory's name].")
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
@@ -143,18 +203,26 @@ def serve(
     timeout_s: float,
     max_images: int,
     prefix_cache_mb: float,
+    protocol_files: tuple[Path, ...],
+    sr_dir: Path | None,
+    fhir_dir: Path | None,
+    anonymize: bool,
+    max_frames: int,
     model_id: str | None,
     log_level: str,
     visual_tokens: int | None = None,
     **runtime: object,
 ) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API (POST /v1/chat/completions, GET /v1/models,
-    /health, /metrics) and a page at / for asking about a photo in a browser.
+    /health, /metrics) and a page at / for asking about a photo in a browser. POST /v1/screen runs
+    a screening protocol on one image (constrained, coded answers) and files a DICOM SR and a FHIR
+    report in --sr-dir / --fhir-dir.
 
     \b
     Examples:
       eyecare-edge serve bundles/eyecare-3.8b
       eyecare-edge serve bundles/eyecare-3.8b --host 0.0.0.0 --api-key-file /etc/eyecare/key --workers 2
+      eyecare-edge serve bundles/eyecare-3.8b --sr-dir /srv/results/sr --fhir-dir /srv/results/fhir
     Safe by default: binds 127.0.0.1; any other address needs an API key. Exit codes: 0 stopped;
     1 the bundle cannot be loaded; 2 bad usage.
     """
@@ -201,6 +269,9 @@ def serve(
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
 
+    clinical, clinical_reason = _clinical_config(
+        list(protocol_files), sr_dir, fhir_dir, anonymize, max_frames
+    )
     cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
 
     def load() -> list[Pipeline]:
@@ -212,6 +283,10 @@ def serve(
                 )
                 pipe.prefix_cache = cache
                 pipes.append(pipe)
+            if clinical is not None:  # an option letter that is not one token: refuse now, not per request
+                from eyecare_edge.serve.screen import check_protocols
+
+                check_protocols(pipes[0], clinical)
         except BaseException:
             for p in pipes:
                 p.close()
@@ -230,6 +305,8 @@ def serve(
         max_images=max_images,
         media=MediaPolicy(allowed_media_dir, opts.max_pixels),
         loopback_only=loopback,
+        clinical=clinical,
+        clinical_unavailable=clinical_reason,
     )
     state = ServerState(config, load)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -247,7 +324,13 @@ def serve(
     click.echo(
         f"eyecare-edge serve: http://{host}:{port} model {config.model_id!r}, {workers} worker(s), "
         f"queue {queue}, API key {'required' if key else 'off'}, local media "
-        f"{allowed_media_dir or 'off'}",
+        f"{allowed_media_dir or 'off'}; screening "
+        + (
+            f"protocol(s) {', '.join(clinical.protocols)}, SR {'on' if sr_dir else 'off'}, "
+            f"FHIR {'on' if fhir_dir else 'off'}{', anonymized' if anonymize else ''}"
+            if clinical is not None
+            else f"off ({clinical_reason})"
+        ),
         err=True,
     )
     server.run()

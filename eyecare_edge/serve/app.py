@@ -45,7 +45,9 @@ from eyecare_edge.serve.openai_schema import (
 )
 
 log = logging.getLogger("eyecare_edge.serve")
-KNOWN_PATHS = frozenset({"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions"})
+KNOWN_PATHS = frozenset(
+    {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/screen", "/v1/protocols"}
+)
 
 
 @dataclass
@@ -63,6 +65,8 @@ class ServeConfig:
     max_images: int = 4
     media: MediaPolicy = field(default_factory=MediaPolicy)
     loopback_only: bool = True
+    clinical: Any = None  # serve.screen.ClinicalConfig: POST /v1/screen, GET /v1/protocols
+    clinical_unavailable: str = "the clinical extra is not installed: pip install 'eyecare-edge[clinical]'"
 
 
 class ServerState:
@@ -125,6 +129,45 @@ def _error_response(err: ApiError) -> JSONResponse:
 
 def _static_page() -> str:
     return resources.files("eyecare_edge.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+def add_screen_routes(
+    app: FastAPI,
+    state: ServerState,
+    require_key: Callable[[Request], None],
+    require_ready: Callable[[], None],
+) -> None:
+    """POST /v1/screen (run a protocol on one image, file SR + FHIR) and GET /v1/protocols."""
+    from eyecare_edge.serve.screen import clinical_unavailable, run_screen_request
+    from eyecare_edge.serve.screen_schema import protocols_body, read_screen_request, screen_body
+
+    cfg = state.config
+
+    @app.get("/v1/protocols")
+    async def protocols(request: Request) -> JSONResponse:
+        require_key(request)
+        if cfg.clinical is None:
+            raise clinical_unavailable(cfg.clinical_unavailable)
+        return JSONResponse(protocols_body(cfg.clinical))
+
+    @app.post("/v1/screen")
+    async def screen(request: Request) -> JSONResponse:
+        require_key(request)
+        if cfg.clinical is None:
+            raise clinical_unavailable(cfg.clinical_unavailable)
+        require_ready()
+        t0 = time.monotonic()
+        req = await read_screen_request(request, cfg.clinical, model_id=cfg.model_id, n_ctx=state.n_ctx)
+        result = await run_screen_request(state, req, t0)
+        rid = "screen-" + completion_id().split("-", 1)[-1]
+        body = screen_body(
+            result,
+            rid=rid,
+            created=now(),
+            model_id=cfg.model_id,
+            fingerprint=state.pool.pipelines[0].digest[:16],
+        )
+        return JSONResponse(body)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -287,6 +330,8 @@ def create_app(state: ServerState) -> FastAPI:
         state.metrics.observe_answer(ttft_s=ttft, total_s=time.monotonic() - t0, answer=answer)
         fingerprint = state.pool.pipelines[0].digest[:16]
         return JSONResponse(completion_body(completion_id(), now(), cfg.model_id, answer, fingerprint))
+
+    add_screen_routes(app, state, require_key, require_ready)
 
     app.add_middleware(
         RequestGuard,

@@ -53,6 +53,10 @@ class Metrics:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tpot = Histogram(TPOT_BUCKETS)
         self.latency = Histogram(REQUEST_BUCKETS)
+        self.screenings = 0  # POST /v1/screen answered
+        self.screen_answers: Counter[str] = Counter()  # answered / text / no valid answer
+        self.filed: Counter[str] = Counter()  # sr / fhir files written
+        self.screen_latency = Histogram(REQUEST_BUCKETS)
 
     def count_request(self, path: str, status: int) -> None:
         with self._lock:
@@ -70,6 +74,20 @@ class Metrics:
             generate_ms = answer.timings.get("generate_ms", 0.0)
             if answer.n_generated > 1 and generate_ms > 0:
                 self.tpot.observe(generate_ms / 1000.0 / (answer.n_generated - 1))
+
+    def observe_screening(self, *, total_s: float, result: object) -> None:
+        """One answered POST /v1/screen: its tokens, answers by status, files written, duration."""
+        with self._lock:
+            self.screenings += 1
+            self.tokens["prompt"] += int(result.usage["prompt_tokens"])
+            self.tokens["visual"] += int(result.usage["visual_tokens"])
+            self.tokens["completion"] += int(result.usage["completion_tokens"])
+            self.prefix_reused += int(result.cached_prefixes)
+            for a in result.answers:
+                self.screen_answers[a.status] += 1
+            self.filed["sr"] += result.sr is not None
+            self.filed["fhir"] += result.fhir is not None
+            self.screen_latency.observe(total_s)
 
     def render(
         self, gauges: dict[str, tuple[str, float]], extra: Callable[[], dict[str, int]] | None = None
@@ -116,8 +134,28 @@ class Metrics:
                     self.tpot,
                 ),
                 ("eyecare_request_duration_seconds", "Request arrival to the last token.", self.latency),
+                (
+                    "eyecare_screen_duration_seconds",
+                    "POST /v1/screen arrival to the filed results.",
+                    self.screen_latency,
+                ),
             ):
                 out += [f"# HELP {name} {help_}", f"# TYPE {name} histogram", *hist.lines(name)]
+            out += [
+                "# HELP eyecare_screenings_total Screening requests answered (POST /v1/screen).",
+                "# TYPE eyecare_screenings_total counter",
+                f"eyecare_screenings_total {self.screenings}",
+                "# HELP eyecare_screen_answers_total Protocol answers by status.",
+                "# TYPE eyecare_screen_answers_total counter",
+            ]
+            for status, n in sorted(self.screen_answers.items()):
+                out.append(f'eyecare_screen_answers_total{{status="{_escape(status)}"}} {n}')
+            out += [
+                "# HELP eyecare_filed_total Result files written by kind (DICOM SR, FHIR Bundle).",
+                "# TYPE eyecare_filed_total counter",
+            ]
+            for kind in ("sr", "fhir"):
+                out.append(f'eyecare_filed_total{{kind="{kind}"}} {self.filed[kind]}')
         for name, (help_, value) in gauges.items():
             out += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value:g}"]
         if extra is not None:

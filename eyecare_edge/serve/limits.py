@@ -108,6 +108,8 @@ class RequestGuard:
             refusal = self._refusal(dict(scope.get("headers") or []))
             if refusal is not None:
                 await send_error(counted_send, refusal)
+                if refusal.status == 413:
+                    await _discard_body(receive, LINGER_BYTES)
                 return
             received = 0
 
@@ -137,6 +139,25 @@ class RequestGuard:
         if length is not None and int(length) > self.max_bytes:
             return self._too_large()
         return None
+
+
+# A refused upload is read and thrown away up to this many bytes before the connection closes:
+# closing on unread data resets it, and a client still sending (urllib, most camera SDKs) then
+# gets a broken pipe instead of the 413 (seen in tests/test_serve_screen.py under load). nginx's
+# lingering close does the same.
+LINGER_BYTES = 64 << 20
+
+
+async def _discard_body(receive: Callable, limit: int) -> None:
+    """Read and drop request body messages until the body ends or `limit` bytes were dropped."""
+    dropped = 0
+    while dropped <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def send_error(send: Callable, err: ApiError) -> None:

@@ -363,8 +363,9 @@ def without_colour_transform(jpeg: bytes) -> bytes:
     libjpeg treats a 3-component frame as YCbCr unless an Adobe APP14 marker says "transform 0"
     (or the component ids spell R, G, B), and always when a JFIF APP0 marker is present. A DICOM
     JPEG with Photometric Interpretation RGB holds RGB, so: a frame with an Adobe marker is left
-    as its marker says (pydicom does the same); otherwise JFIF APP0 segments are dropped and an
-    Adobe "transform 0" segment is put right after SOI.
+    as its marker says (pydicom does the same); otherwise JFIF APP0 segments and short Adobe
+    segments (under 12 bytes, which libjpeg ignores: pydicom's SC_rgb_jpeg.dcm has one) are
+    dropped and an Adobe "transform 0" segment is put right after SOI.
     """
     if not jpeg.startswith(b"\xff\xd8"):
         return jpeg
@@ -388,10 +389,11 @@ def without_colour_transform(jpeg: bytes) -> bytes:
             continue
         seglen = struct.unpack_from(">H", jpeg, pos + 2)[0]
         segment = jpeg[pos : pos + 2 + seglen]
-        if marker == 0xEE and segment[4:9] == b"Adobe":
+        adobe = marker == 0xEE and segment[4:9] == b"Adobe"
+        if adobe and seglen >= 14:  # libjpeg reads a transform only from a full 12-byte APP14
             return jpeg  # the frame says how it was coded
-        if not (marker == 0xE0 and segment[4:9] == b"JFIF\x00"):
-            out.append(segment)
+        if not adobe and not (marker == 0xE0 and segment[4:9] == b"JFIF\x00"):
+            out.append(segment)  # a JFIF or short (ignored) Adobe segment is replaced
         pos += 2 + seglen
         if marker == 0xDA:
             break

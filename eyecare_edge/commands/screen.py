@@ -82,9 +82,9 @@ def screen(
         ResultsFile,
         ScreenError,
         default_questions,
-        expand_inputs,
         load_questions,
         run_screen,
+        scan_inputs,
     )
     from eyecare_edge.vision import VisionError
 
@@ -93,7 +93,8 @@ def screen(
     if questions_file is not None and question_texts:
         raise click.UsageError("give --questions FILE or -q QUESTION, not both")
     try:
-        files = expand_inputs(inputs)
+        scan = scan_inputs(inputs)
+        files = scan.files
         if questions_file is not None:
             questions = load_questions(questions_file, task)
         elif question_texts:
@@ -154,6 +155,7 @@ def screen(
                     max_tokens=limit,
                     progress=progress,
                     extra_fields=extra,
+                    skipped_files=scan.skipped,
                 )
             except KeyboardInterrupt:
                 click.echo(f"\ninterrupted; finished items are in {output}: rerun with --resume", err=True)
@@ -170,6 +172,12 @@ def screen(
         + f"; results in {output}",
         err=True,
     )
+    if s.skipped_files:
+        click.echo(f"{s.n_skipped_files} file(s) in the folders skipped (not images screen reads):", err=True)
+        for sk in s.skipped_files[:10]:
+            click.echo(f"  skipped: {sk.path}: {sk.reason}", err=True)
+        if s.n_skipped_files > 10:
+            click.echo(f"  ... and {s.n_skipped_files - 10} more", err=True)
     shown = s.errors[:10]
     for line in shown:
         click.echo(f"  error: {line}", err=True)

@@ -145,7 +145,9 @@ def _native_bytes(ds: Any, fields: dict[str, Any]) -> int:
     except (TypeError, ValueError):
         allocated = 0
     if allocated not in (1, 8, 16, 32, 64):
-        raise InvalidImage(f"corrupt DICOM: BitsAllocated is {ds.get('BitsAllocated')!r} (1, 8, 16, 32 or 64)")
+        raise InvalidImage(
+            f"corrupt DICOM: BitsAllocated is {ds.get('BitsAllocated')!r} (1, 8, 16, 32 or 64)"
+        )
     samples = fields["channels"]
     if str(fields.get("mode", "")).upper() == "YBR_FULL_422" and samples == 3:
         samples = 2  # Y Y Cb Cr per pixel pair
@@ -276,7 +278,9 @@ def _frames(ds: Any, header: ImageHeader) -> Iterator[np.ndarray]:
     try:
         decoder = get_decoder(ts)
     except NotImplementedError:
-        raise InvalidImage(f"DICOM transfer syntax '{ts.name}' ({ts}) is not supported: {real_decoders(ts)}") from None
+        raise InvalidImage(
+            f"DICOM transfer syntax '{ts.name}' ({ts}) is not supported: {real_decoders(ts)}"
+        ) from None
     if not ts.is_compressed:  # native pixel data: pydicom reads it itself
         yield from _frames_pydicom(ds, header, ts, [""])
         return
@@ -332,7 +336,9 @@ def _frames_opencv(ds: Any, header: ImageHeader, ts: Any) -> Iterator[np.ndarray
         for i in range(header.frames):
             data = next(frames, None)
             if data is None:
-                raise InvalidImage(f"corrupt DICOM: frame {i} of {header.frames} is missing from the pixel data")
+                raise InvalidImage(
+                    f"corrupt DICOM: frame {i} of {header.frames} is missing from the pixel data"
+                )
             if rgb_components and (header.channels or 1) == 3:
                 data = without_colour_transform(data)
             arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)

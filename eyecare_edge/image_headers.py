@@ -64,7 +64,12 @@ def png_header(src: Source) -> dict[str, Any]:
             f"pack into the {idat} bytes of image data present (at least {raw // _DEFLATE_MAX_RATIO} needed)"
         )
     return dict(
-        width=width, height=height, channels=channels, bit_depth=depth, mode=f"{kind}{depth}", encoded_bytes=end
+        width=width,
+        height=height,
+        channels=channels,
+        bit_depth=depth,
+        mode=f"{kind}{depth}",
+        encoded_bytes=end,
     )
 
 
@@ -295,8 +300,6 @@ def bmp_header(src: Source) -> dict[str, Any]:
     else:
         channels, depth, mode = {16: (3, 5, "rgb5"), 24: (3, 8, "rgb8"), 32: (4, 8, "rgba8")}[bpp]
     return dict(width=width, height=height, channels=channels, bit_depth=depth, mode=mode)
-
-
 
 
 HEADER_PARSERS = {"png": png_header, "jpeg": jpeg_header, "tiff": tiff_header, "bmp": bmp_header}

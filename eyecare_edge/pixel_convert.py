@@ -51,7 +51,9 @@ def scale_to_uint8(arr: np.ndarray, bit_depth: int) -> np.ndarray:
         return arr
     if arr.dtype == np.uint16:  # a 64 KiB lookup table: no 4-byte-per-sample temporary
         peak = (1 << bit_depth) - 1 if 8 < bit_depth <= 16 else 65535
-        lut = ((np.minimum(np.arange(65536, dtype=np.uint32), peak) * 255 + peak // 2) // peak).astype(np.uint8)
+        lut = ((np.minimum(np.arange(65536, dtype=np.uint32), peak) * 255 + peak // 2) // peak).astype(
+            np.uint8
+        )
         return lut[arr]
     values = arr.astype(np.float64)
     finite = values[np.isfinite(values)]

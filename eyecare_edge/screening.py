@@ -304,7 +304,9 @@ class ResultsFile:
             self._load(retry_errors)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            # backslashreplace: a lone surrogate (a non-UTF-8 name inside some text) becomes a JSON
+            # \udcXX escape, so every line stays valid UTF-8 JSON.
+            self._fh = open(self.path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
         except OSError as e:
             raise OSError(f"{self.path}: cannot write the results file ({e.strerror or e})") from e
 

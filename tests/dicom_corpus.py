@@ -104,7 +104,11 @@ def _grey_reference(arr: np.ndarray, ds: object, pi: str) -> np.ndarray:
         grey = arr
     else:
         lo, hi = values.min(), values.max()
-        grey = np.zeros(values.shape, np.uint8) if hi <= lo else np.rint((values - lo) * 255.0 / (hi - lo)).astype(np.uint8)
+        grey = (
+            np.zeros(values.shape, np.uint8)
+            if hi <= lo
+            else np.rint((values - lo) * 255.0 / (hi - lo)).astype(np.uint8)
+        )
     if pi == "MONOCHROME1":
         grey = 255 - grey
     return np.repeat(grey[..., None], 3, axis=2)
@@ -120,7 +124,9 @@ def check(path: str) -> Outcome:
             ours = load_images(path)
         except ImageError as exc:
             reason = exc.reason
-            ts = ds.file_meta.get("TransferSyntaxUID") if ds is not None and hasattr(ds, "file_meta") else None
+            ts = (
+                ds.file_meta.get("TransferSyntaxUID") if ds is not None and hasattr(ds, "file_meta") else None
+            )
             names_ts = ts is not None and (str(ts) in reason or getattr(ts, "name", "?") in reason)
             if names_ts and any(w in reason for w in DECODER_WORDS):
                 return Outcome(path, "refused", reason)
@@ -132,20 +138,26 @@ def check(path: str) -> Outcome:
     if len(ours) != len(ref):
         return Outcome(path, "wrong", f"{len(ours)} frames, pydicom {len(ref)}")
     ts = str(ds.file_meta.get("TransferSyntaxUID", ""))  # type: ignore[union-attr]
-    lossy = ts in LOSSY or "LossyImageCompression" in ds and str(ds.LossyImageCompression) == "01"  # type: ignore[union-attr,operator]
+    lossy = ts in LOSSY or ("LossyImageCompression" in ds and str(ds.LossyImageCompression) == "01")  # type: ignore[union-attr,operator]
     worst = 0.0
     for i, (im, r) in enumerate(zip(ours, ref, strict=True)):
         if r is None or im.rgb.shape != r.shape:
-            return Outcome(path, "wrong", f"frame {i}: shape {im.rgb.shape} vs pydicom {None if r is None else r.shape}")
+            return Outcome(
+                path, "wrong", f"frame {i}: shape {im.rgb.shape} vs pydicom {None if r is None else r.shape}"
+            )
         diff = np.abs(im.rgb.astype(np.int16) - r.astype(np.int16))
         if lossy:
             bad = diff.mean() > 2.5 or np.percentile(diff, 99.9) > 16
         else:
             bad = diff.max() > 1
         if bad:
-            return Outcome(path, "wrong", f"frame {i}: mean |diff| {diff.mean():.2f}, max {diff.max()} vs pydicom")
+            return Outcome(
+                path, "wrong", f"frame {i}: mean |diff| {diff.mean():.2f}, max {diff.max()} vs pydicom"
+            )
         worst = max(worst, float(diff.max()))
-    return Outcome(path, "decoded", f"{len(ours)} frame(s), max |diff| {worst:g}{' (lossy)' if lossy else ''}")
+    return Outcome(
+        path, "decoded", f"{len(ours)} frame(s), max |diff| {worst:g}{' (lossy)' if lossy else ''}"
+    )
 
 
 def main() -> int:
@@ -153,8 +165,12 @@ def main() -> int:
     counts = {k: sum(o.kind == k for o in outcomes) for k in ("decoded", "refused", "wrong")}
     for o in outcomes:
         if o.kind != "decoded" or "-v" in sys.argv:
-            print(f"{o.kind:8s} {os.path.relpath(o.path, os.path.dirname(corpus_files()[0]))}: {o.detail[:160]}")
-    print(f"files tried {len(outcomes)} | decoded {counts['decoded']} | honestly refused {counts['refused']} | wrong {counts['wrong']}")
+            print(
+                f"{o.kind:8s} {os.path.relpath(o.path, os.path.dirname(corpus_files()[0]))}: {o.detail[:160]}"
+            )
+    print(
+        f"files tried {len(outcomes)} | decoded {counts['decoded']} | honestly refused {counts['refused']} | wrong {counts['wrong']}"
+    )
     return 1 if counts["wrong"] else 0
 
 

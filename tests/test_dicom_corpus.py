@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from dicom_corpus import check, corpus_files
 
 FILES = corpus_files()

@@ -20,4 +20,6 @@ def test_the_corpus_is_there() -> None:
 @pytest.mark.parametrize("path", FILES, ids=[os.path.basename(p) for p in FILES])
 def test_corpus_file_decodes_like_pydicom_or_is_refused_honestly(path: str) -> None:
     outcome = check(path)
+    if outcome.kind == "unverified":  # visible, not silent: install the dicom extra to compare
+        pytest.skip(outcome.detail)
     assert outcome.kind in ("decoded", "refused"), outcome.detail

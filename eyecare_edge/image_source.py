@@ -30,8 +30,9 @@ DEFAULT_MAX_DECODED_BYTES = 1 << 30
 """Default budget (1 GiB) for the memory one file's decoding may take, estimated from its header.
 
 Sized for a 4 GB Jetson, whose memory the CPU shares with the GPU and the model: a quarter of
-the board for one image. A 24 MP RGB fundus JPEG needs ~0.2 GB, a 100 MP RGB JPEG ~0.9 GB; a
-100 MP 16-bit RGBA PNG (1.9 GB estimated, 3.96 GB measured before the budget existed) is refused.
+the board for one image. Estimates (:func:`estimated_decode_bytes`): a 24 MP RGB fundus JPEG
+~0.23 GB and a 100 MP RGB JPEG ~0.92 GB are decoded; a 100 MP 16-bit RGBA PNG (~2.5 GB estimated;
+3.96 GB peak measured before this budget existed) is refused from its header.
 """
 
 
@@ -228,21 +229,25 @@ def check_limit_args(max_pixels: int, max_decoded_bytes: int) -> None:
 def estimated_decode_bytes(header: ImageHeader) -> int:
     """Upper estimate of the memory decoding this file takes, from its header alone.
 
-    encoded bytes held + decoder output (pixels x channels x bytes per sample, all frames) +
-    RGB uint8 results (pixels x 3, all frames, since ``load_images`` returns them together) +
-    per-frame working copies: a copy of the decoder output for conversions (16-bit -> 8-bit,
-    alpha compositing, BGR -> RGB) and, for DICOM greyscale, the float64 display pipeline
-    (rescale + window: 16 bytes per pixel).
+    encoded bytes held (twice for DICOM: our read and pydicom's Pixel Data) + decoder output
+    (pixels x channels x bytes per sample, all frames) + RGB uint8 results (pixels x 3, all
+    frames: ``load_images`` returns them together) + per-frame working memory: one spare copy of
+    the decoder output (16 -> 8-bit lookup, BGR -> RGB), 6 bytes per pixel for alpha compositing
+    (uint16 RGB) and 9 for the DICOM greyscale display pipeline (float64 + uint8).
+    Measured peak RSS growth (``tests/dicom_corpus.py``'s ``peak_rss_growth_mb``) vs this
+    estimate, MiB: 24 MP RGB JPEG 165 vs 226; 25 MP 16-bit RGBA PNG 697 vs 787; 16 MP 16-bit grey
+    PNG 130 vs 137; 16 MP 12-bit CT DICOM 232 vs 305 (windowed or min/max-stretched).
     """
     channels = max(1, header.channels or 1)
     bits = header.bit_depth or 8
     sample = 1 if bits <= 8 else 2 if bits <= 16 else 4
-    total = header.pixel_count
     frame = header.width * header.height
-    work = frame * channels * sample * 2
+    work = channels * sample + (6 if channels in (2, 4) else 0)
+    encoded = header.encoded_bytes or 0
     if header.format == "dicom":
-        work += frame * 16
-    return (header.encoded_bytes or 0) + total * (channels * sample + 3) + work
+        encoded *= 2
+        work += 9 if channels == 1 else 0
+    return encoded + header.pixel_count * (channels * sample + 3) + frame * work
 
 
 def check_limits(header: ImageHeader, max_pixels: int, max_decoded_bytes: int) -> None:

@@ -32,8 +32,11 @@ def _composite_on_black(color: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     Compositing rather than dropping alpha means transparent pixels become black whatever
     colour the encoder left in them, matching the black surround of fundus photos.
     """
-    c = color.astype(np.uint16) * alpha[:, :, None].astype(np.uint16)
-    return ((c + 127) // 255).astype(np.uint8)
+    c = color.astype(np.uint16)  # one working copy, updated in place (a 25 MP RGBA: 150 MB)
+    np.multiply(c, alpha[:, :, None], out=c)
+    c += 127
+    c //= 255
+    return c.astype(np.uint8)
 
 
 def scale_to_uint8(arr: np.ndarray, bit_depth: int) -> np.ndarray:
@@ -64,8 +67,13 @@ def scale_to_uint8(arr: np.ndarray, bit_depth: int) -> np.ndarray:
 
 
 def stretch_to_uint8(values: np.ndarray) -> np.ndarray:
-    """min..max -> 0..255; a constant image becomes 0."""
+    """min..max -> 0..255; a constant image becomes 0. ``values`` (a float working copy) is overwritten."""
     lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
         return np.zeros(values.shape, dtype=np.uint8)
-    return np.clip(np.rint((values - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    out = values  # in place: no second full-size float array
+    out -= lo
+    out *= 255.0 / (hi - lo)
+    np.rint(out, out=out)
+    np.clip(out, 0, 255, out=out)
+    return out.astype(np.uint8)

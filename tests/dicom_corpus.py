@@ -13,11 +13,14 @@ Every file must either decode to what pydicom gives, or be refused honestly:
   or when pydicom cannot produce the pixels either (not an image, truncated, corrupt).
 
 Run it as a script for the table in the note:
-``python tests/dicom_corpus.py`` prints files tried / decoded / honestly refused / wrong.
+``python tests/dicom_corpus.py [-v] [--rss]`` prints files tried / decoded / honestly refused /
+wrong (``-v``: every file; ``--rss``: the peak RSS growth of the worst file, each loaded in a
+forked child).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -177,8 +180,45 @@ def check(path: str) -> Outcome:
     )
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_rss_growth_mb(path: str) -> float:
+    """Peak RSS growth (MB) of loading one file, in a forked child of this (warmed-up) process.
+
+    The child resets its peak-RSS mark to its current RSS (Linux: ``5 > /proc/self/clear_refs``),
+    loads the file and reports VmHWM - VmRSS-at-start.
+    """
+    from eyecare_edge.images import ImageError, load_images
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: load, report its own peak, leave without cleanup
+        os.close(read)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_kb("VmRSS")
+        with contextlib.suppress(ImageError, OSError):
+            load_images(path)
+        os.write(write, str(_status_kb("VmHWM") - base).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        growth = int(f.read() or 0)
+    os.waitpid(pid, 0)
+    return max(0, growth) / 1024
+
+
 def main() -> int:
     outcomes = [check(p) for p in corpus_files()]
+    if "--rss" in sys.argv:  # after check(): every import and decoder is warm in the parent
+        worst = max((peak_rss_growth_mb(p), p) for p in corpus_files())
+        print(f"peak RSS growth of the worst file: {worst[0]:.1f} MB ({os.path.basename(worst[1])})")
     counts = {k: sum(o.kind == k for o in outcomes) for k in ("decoded", "refused", "wrong", "unverified")}
     for o in outcomes:
         if o.kind != "decoded" or "-v" in sys.argv:

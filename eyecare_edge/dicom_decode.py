@@ -181,10 +181,21 @@ def _pixel_extent(src: Source, ds: Any, pos: int | None, fields: dict[str, Any])
                 f"truncated or forged DICOM: {frames} frames claimed, but the {present} bytes of "
                 f"encapsulated pixel data cannot hold {frames} frame items ({8 * (frames + 1)} bytes at least)"
             )
+        raw_frame = -(-fields["width"] * fields["height"] * fields["channels"] * 16 // 8)
+        if present > frames * (2 * raw_frame + (64 << 10)) + (64 << 20):
+            raise InvalidImage(
+                f"DICOM holds {present} bytes of compressed pixel data, far more than {frames} frame(s) of "
+                f"{fields['width']}x{fields['height']} can need; not read"
+            )
         return src.size
     if str(ts) not in _NATIVE:
         return src.size  # pydicom reports an undefined-length mismatch itself
     need = _native_bytes(ds, fields)
+    if min(length, present) > 2 * need + (1 << 20):
+        raise InvalidImage(
+            f"DICOM Pixel Data holds {min(length, present)} bytes, far more than the {need} its "
+            f"{frames} frame(s) of {fields['width']}x{fields['height']} need; not read"
+        )
     if min(length, present) < need:
         what = f"{frames} frames of " if frames > 1 else ""
         raise InvalidImage(

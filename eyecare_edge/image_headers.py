@@ -58,6 +58,10 @@ def png_header(src: Source) -> dict[str, Any]:
     kind, channels, _ = _PNG_KINDS[color]
     raw = height * (1 + (width * channels * depth + 7) // 8)  # filter byte + packed row
     end, idat = _png_extent(src)
+    if end > raw + raw // 64 + _METADATA_SLACK:  # deflate never expands by more than ~0.03%
+        raise InvalidImage(
+            f"PNG is {end} bytes up to its IEND chunk, far more than a {width}x{height} image can need; not read"
+        )
     if idat * _DEFLATE_MAX_RATIO < raw:
         raise InvalidImage(
             f"truncated or forged PNG: {width}x{height} needs {raw} bytes of pixel data, which deflate cannot "
@@ -300,6 +304,21 @@ def bmp_header(src: Source) -> dict[str, Any]:
     else:
         channels, depth, mode = {16: (3, 5, "rgb5"), 24: (3, 8, "rgb8"), 32: (4, 8, "rgba8")}[bpp]
     return dict(width=width, height=height, channels=channels, bit_depth=depth, mode=mode)
+
+
+def check_not_oversized(src: Source, fields: dict[str, Any], fmt: str) -> None:
+    """TIFF and BMP are read whole: refuse a file more than twice the size of its raw pixels.
+
+    Uncompressed pixels are 1x their raw size and every TIFF/BMP compression is smaller, so a
+    larger file is padding (or an attack) that would only cost memory.
+    """
+    bits = fields.get("bit_depth") or 8
+    pixels = fields.get("total_pixels") or fields["width"] * fields["height"] * fields.get("frames", 1)
+    raw = pixels * (fields.get("channels") or 1) * -(-bits // 8)
+    if src.size > 2 * raw + _METADATA_SLACK:
+        raise InvalidImage(
+            f"{fmt.upper()} file is {src.size} bytes, far more than its {pixels} pixels can need ({raw} bytes raw); not read"
+        )
 
 
 HEADER_PARSERS = {"png": png_header, "jpeg": jpeg_header, "tiff": tiff_header, "bmp": bmp_header}

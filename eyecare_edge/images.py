@@ -49,7 +49,7 @@ import cv2
 import numpy as np
 
 from eyecare_edge.dicom_decode import decode_dicom, dicom_header
-from eyecare_edge.image_headers import HEADER_PARSERS
+from eyecare_edge.image_headers import HEADER_PARSERS, check_not_oversized
 from eyecare_edge.image_source import (
     DEFAULT_MAX_DECODED_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -185,6 +185,8 @@ def _parse_header(src: Source, name: str) -> ImageHeader:
     try:
         fmt = sniff(src.read(0, 132))
         fields = dicom_header(src) if fmt == "dicom" else HEADER_PARSERS[fmt](src)
+        if fmt in ("tiff", "bmp"):
+            check_not_oversized(src, fields, fmt)
     except InvalidImage as exc:
         raise ImageError(name, str(exc)) from None
     fields.setdefault("encoded_bytes", src.size)

@@ -282,3 +282,18 @@ def test_screen_lists_and_counts_skipped_folder_files(tmp_path: Path) -> None:
             FakePipeline(), scan.files, [Question("Q", "Q")], results, task="open", skipped_files=scan.skipped
         )
     assert s.n_skipped_files == 6 and s.to_dict()["skipped_files"] == 6
+
+
+def test_padding_after_the_image_is_not_read_and_oversized_files_are_refused(tmp_path: Path) -> None:
+    png = tmp_path / "padded.png"
+    with open(png, "wb") as f:
+        f.write(cv2.imencode(".png", np.full((8, 8, 3), 7, np.uint8))[1].tobytes())
+        f.truncate(1 << 30)  # sparse gigabyte after IEND
+    growth, outcome = _peak_rss_growth_mb(png)
+    assert outcome == "decoded 1 frame(s)" and growth < 50, (growth, outcome)
+    bmp = tmp_path / "padded.bmp"
+    with open(bmp, "wb") as f:
+        f.write(cv2.imencode(".bmp", np.full((8, 8, 3), 7, np.uint8))[1].tobytes())
+        f.truncate(1 << 30)
+    with pytest.raises(ImageError, match="far more than its 64 pixels can need"):
+        read_header(bmp)

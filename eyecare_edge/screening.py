@@ -13,7 +13,11 @@ What makes a long run safe to interrupt:
 * Without resume, an existing non-empty output is refused rather than appended to.
 * Lines written by a different bundle (digest) are refused: one output file, one bundle.
 
-A file that cannot be read or decoded becomes error lines (one per question) and the batch goes on.
+A file refused as a whole (not a regular file, unreadable, a header or decoder refusal) becomes
+ONE error line (``frame`` and ``question`` null, its own id), whatever its questions or claimed
+frames, and the batch goes on; a folder's files that are not images are listed and counted as
+skipped in the summary. Paths that are not valid UTF-8 are written escaped (``\xe9``) and
+hashed as their raw bytes, so lines stay valid JSON and resume works past them.
 Consecutive questions about one image reuse its KV prefix (`Pipeline.ask`), so asking k
 questions costs one image prefill, not k.
 """
@@ -30,7 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from eyecare_edge.images import SUPPORTED_SUFFIXES, ImageError, read_header
+from eyecare_edge.image_source import not_regular_reason
+from eyecare_edge.images import (
+    SUPPORTED_SUFFIXES,
+    UNSUPPORTED_IMAGE_SUFFIXES,
+    ImageError,
+    display_name,
+    read_header,
+)
 from eyecare_edge.prompts import OPEN_QA_DEFAULT_PROMPT, REPORT_PROMPT, format_closed_question
 
 TASKS = ("report", "closed", "open", "protocol")
@@ -47,8 +58,12 @@ class ScreenError(Exception):
 
 
 def _has_dicom_preamble(path: Path) -> bool:
-    """PACS exports often have no suffix (IM000001); the DICM magic at byte 128 identifies them."""
+    """PACS exports often have no suffix (IM000001); the DICM magic at byte 128 identifies them.
+
+    Only a regular file is opened (a FIFO would block the scan for ever)."""
     try:
+        if not_regular_reason(os.stat(path).st_mode) is not None:
+            return False
         with open(path, "rb") as f:
             head = f.read(132)
     except OSError:
@@ -56,7 +71,30 @@ def _has_dicom_preamble(path: Path) -> bool:
     return head[128:132] == b"DICM"
 
 
-def _scan_folder(folder: Path) -> list[Path]:
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file a folder scan did not take, and why (listed and counted in the run's summary)."""
+
+    path: str  # printable (see images.display_name)
+    reason: str
+
+
+@dataclass
+class InputScan:
+    files: list[Path] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+
+def _skip_reason(p: Path) -> str:
+    suffix = p.suffix.lower()
+    if suffix in UNSUPPORTED_IMAGE_SUFFIXES:
+        return f"{UNSUPPORTED_IMAGE_SUFFIXES[suffix]} is not a supported image format"
+    if suffix:
+        return f"suffix {display_name(suffix)} is not an image format screen reads"
+    return "no suffix and no DICOM preamble"
+
+
+def _scan_folder(folder: Path, skipped: list[SkippedFile] | None = None) -> list[Path]:
     out = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -67,19 +105,28 @@ def _scan_folder(folder: Path) -> list[Path]:
             suffix = p.suffix.lower()
             if suffix in SUPPORTED_SUFFIXES or (suffix == "" and _has_dicom_preamble(p)):
                 out.append(p)
+            elif skipped is not None:
+                skipped.append(SkippedFile(display_name(p), _skip_reason(p)))
     return out
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The files of :func:`scan_inputs` (without the list of skipped ones)."""
+    return scan_inputs(inputs).files
+
+
+def scan_inputs(inputs: Iterable[str | os.PathLike[str]]) -> InputScan:
     """Files, folders (recursive: supported suffixes, plus suffix-less DICOM) and globs -> files,
     in the order given (folders and globs sorted), each once.
 
     A file named explicitly is taken whatever its suffix (its bytes decide the format). A path
     that does not exist, or a glob/folder that matches nothing, is a ScreenError: a typo should
-    stop the run at once, not after hours.
+    stop the run at once, not after hours. Files in folders that are not images are returned as
+    ``skipped`` with the reason.
     """
     seen: set[str] = set()
     out: list[Path] = []
+    skipped: list[SkippedFile] = []
 
     def add(p: Path) -> None:
         key = os.path.abspath(p)
@@ -91,7 +138,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
         text = os.fspath(item)
         p = Path(text)
         if p.is_dir():
-            found = _scan_folder(p)
+            found = _scan_folder(p, skipped)
             if not found:
                 raise ScreenError(
                     f"{text}: folder holds no image files ({', '.join(sorted(SUPPORTED_SUFFIXES))})"
@@ -105,14 +152,14 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
             files = []
             for m in matches:
                 mp = Path(m)
-                files.extend(_scan_folder(mp) if mp.is_dir() else [mp])
+                files.extend(_scan_folder(mp, skipped) if mp.is_dir() else [mp])
             if not files:
                 raise ScreenError(f"{text}: pattern matches no files")
             for f in files:
                 add(f)
         else:
-            raise ScreenError(f"{text}: no such file or folder")
-    return out
+            raise ScreenError(f"{display_name(text)}: no such file or folder")
+    return InputScan(out, skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,10 +255,19 @@ def item_id(path: str | os.PathLike[str], file_sha256: str | None, frame: int | 
     """Deterministic id of one (file, frame, question): the same run asks the same ids, so a
     resumed run knows what is done. The absolute path is part of it, so two copies of one image
     get a line each; a file whose content changed gets new ids (it is asked again)."""
-    blob = "\0".join(
-        [os.path.abspath(path), file_sha256 or "-", "-" if frame is None else str(frame), prompt]
-    )
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+    rest = "\0".join([file_sha256 or "-", "-" if frame is None else str(frame), prompt])
+    # The path as its raw bytes: a name that is not UTF-8 (surrogate escapes) hashes too; a UTF-8
+    # name gives the same bytes as before, so existing outputs keep their ids.
+    blob = os.fsencode(os.path.abspath(path)) + b"\0" + rest.encode("utf-8", "surrogateescape")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_FILE_LEVEL = "\0file"  # the "prompt" of a file's single refusal line (never a real prompt)
+
+
+def file_error_id(path: str | os.PathLike[str], file_sha256: str | None) -> str:
+    """Id of the one line a file refused as a whole gets (whatever its questions and frames)."""
+    return item_id(path, file_sha256, None, _FILE_LEVEL)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -248,7 +304,9 @@ class ResultsFile:
             self._load(retry_errors)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            # backslashreplace: a lone surrogate (a non-UTF-8 name inside some text) becomes a JSON
+            # \udcXX escape, so every line stays valid UTF-8 JSON.
+            self._fh = open(self.path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
         except OSError as e:
             raise OSError(f"{self.path}: cannot write the results file ({e.strerror or e})") from e
 
@@ -338,6 +396,11 @@ class ScreenSummary:
     n_previous_errors: int = 0  # error lines kept from before (resume without retry)
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    skipped_files: list[SkippedFile] = field(default_factory=list)  # not images (folder scans)
+
+    @property
+    def n_skipped_files(self) -> int:
+        return len(self.skipped_files)
 
     @property
     def items_per_min(self) -> float:
@@ -356,6 +419,7 @@ class ScreenSummary:
             "errors": self.n_errors,
             "skipped": self.n_skipped,
             "previous_errors": self.n_previous_errors,
+            "skipped_files": self.n_skipped_files,
             "seconds": round(self.seconds, 2),
             "items_per_min": round(self.items_per_min, 2),
         }
@@ -382,8 +446,8 @@ def _file_sha256(path: Path) -> str:
 
 def _error_text(e: BaseException) -> str:
     if isinstance(e, ImageError):
-        return e.reason
-    text = " ".join(str(e).split()) or type(e).__name__
+        return display_name(e.reason)
+    text = " ".join(display_name(str(e)).split()) or type(e).__name__
     return f"{type(e).__name__}: {text}"
 
 
@@ -399,13 +463,16 @@ def run_screen(
     extra_fields: Mapping[str, Any] | None = None,
     answer_fn: Callable[[Any, str], Any] | None = None,
     on_file: Callable[[Path, list[dict]], None] | None = None,
+    skipped_files: Sequence[SkippedFile] = (),
 ) -> ScreenSummary:
     """Ask every question about every frame of every file, appending one line per item.
 
     Lines: id, path, frame, image_sha256, task, question (as asked), question_id, options,
     answer, error (None when ok), timings (ms; decode_ms on the first item of a file),
     n_image_tokens, n_prompt_tokens, n_generated, stop_reason, cached_prefix, bundle_digest,
-    plus `extra_fields` (e.g. which vision backend and GGUF ran).
+    plus `extra_fields` (e.g. which vision backend and GGUF ran). A file refused as a whole gets
+    one line (`file_error_id`; frame, question, options null). `skipped_files` (from
+    `scan_inputs`) are listed in the summary.
 
     answer_fn(image, prompt) replaces `pipeline.ask` (e.g. constrained closed answers); fields
     in its answer's `record_fields` join the line. on_file(path, lines) is called once each file
@@ -414,14 +481,16 @@ def run_screen(
     if task not in TASKS:
         raise ScreenError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     prog = progress or Progress()
-    summary = ScreenSummary(n_files=len(files), n_previous_errors=results.n_existing_errors)
+    summary = ScreenSummary(
+        n_files=len(files), n_previous_errors=results.n_existing_errors, skipped_files=list(skipped_files)
+    )
     extra = dict(extra_fields or {})
     t_start = time.perf_counter()
 
     def line(path: Path, sha: str | None, frame: int | None, q: Question, **values: Any) -> dict:
         rec = {
             "id": item_id(path, sha, frame, q.prompt),
-            "path": str(path),
+            "path": display_name(path),
             "frame": frame,
             "image_sha256": sha,
             "task": task,
@@ -442,6 +511,12 @@ def run_screen(
     def file_done() -> None:
         if on_file is not None and file_lines:
             on_file(*file_lines.pop())
+    def refuse(path: Path, sha: str | None, error: str, counted: int) -> None:
+        """The one line of a file refused as a whole; `counted` items were in the progress total."""
+        rec = line(path, sha, None, Question(_FILE_LEVEL, ""), error=error)
+        rec.update(id=file_error_id(path, sha), question=None)
+        prog.add_total(1 - counted)
+        write(rec)
 
     def write(rec: dict) -> None:
         results.append(rec)
@@ -461,17 +536,27 @@ def run_screen(
         file_lines.append((path, []))
         nq = len(questions)
         t_file = time.perf_counter()
+        sha: str | None = None
         try:
-            sha: str | None = _file_sha256(path)
+            reason = not_regular_reason(os.stat(path).st_mode)  # before opening: a FIFO blocks
+            if reason is not None:
+                raise OSError(reason)
+            sha = _file_sha256(path)
+            read_error: str | None = None
         except OSError as e:
-            sha = None
-            read_error: str | None = f"cannot read the file ({e.strerror or e})"
-        else:
-            read_error = None
-        try:
-            n_frames = read_header(path).frames if read_error is None else 1
-        except ImageError:
-            n_frames = 1  # decoding below reports the reason
+            read_error = str(e) if e.errno is None else f"cannot read the file ({e.strerror or e})"
+        if file_error_id(path, sha) in results.done:  # refused as a whole in an earlier run
+            summary.n_skipped += 1
+            prog.add_total(-nq)
+            continue
+        if read_error is None:
+            try:
+                n_frames = read_header(path).frames
+            except ImageError as e:
+                read_error = _error_text(e)
+        if read_error is not None:
+            refuse(path, sha, display_name(read_error), nq)
+            continue
         header_frames: list[int | None] = [None] if n_frames <= 1 else list(range(n_frames))
         if len(header_frames) > 1:
             prog.add_total((len(header_frames) - 1) * nq)
@@ -487,15 +572,10 @@ def run_screen(
             prog.add_total(-skipped)
         if not pending:
             continue
-        if read_error is not None:
-            for f, q in pending:
-                write(line(path, sha, f, q, error=read_error))
-            continue
         try:
             frames = pipeline.decode(path)
         except (ImageError, ValueError, MemoryError, OSError) as e:
-            for f, q in pending:
-                write(line(path, sha, f, q, error=_error_text(e)))
+            refuse(path, sha, _error_text(e), len(pending))
             continue
         decode_ms = 1000.0 * (time.perf_counter() - t_file)
         decoded_frames = [im.frame for im in frames]

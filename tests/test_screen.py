@@ -29,6 +29,7 @@ from eyecare_edge.screening import (
     ScreenError,
     default_questions,
     expand_inputs,
+    file_error_id,
     item_id,
     load_questions,
     run_screen,
@@ -169,7 +170,7 @@ def test_run_screen_resume_after_interrupt_writes_each_item_once(tmp_path):
     files.append(bad)
     questions = [Question("Q1", "Q1"), Question("Q2", "Q2")]
     out = tmp_path / "out.jsonl"
-    expected = 3 * 2 + 3 * 2 + 2  # three images, three frames, one bad file; two questions each
+    expected = 3 * 2 + 3 * 2 + 1  # three images, three frames (two questions each); one refused file: one line
 
     totals: list[int] = []
     prog = Progress(add_total=totals.append)
@@ -186,7 +187,7 @@ def test_run_screen_resume_after_interrupt_writes_each_item_once(tmp_path):
     lines = _lines(out)
     assert len(lines) == expected == len({x["id"] for x in lines})
     assert summary.n_skipped == 5 and summary.n_items == expected - 5
-    assert summary.n_errors == 2 and summary.exit_code == 3
+    assert summary.n_errors == 1 and summary.exit_code == 3
     assert 4 in totals  # the 3-frame TIFF added (3 - 1) x 2 items
     errors = [x for x in lines if x["error"]]
     assert {x["path"] for x in errors} == {str(bad)} and "text" in errors[0]["error"]
@@ -196,7 +197,8 @@ def test_run_screen_resume_after_interrupt_writes_each_item_once(tmp_path):
     assert pipe.asked[0] == ("im2.png", None, "Q2")
     ok = [x for x in lines if not x["error"]]
     assert all(x["answer"].startswith("answer to ") and x["bundle_digest"] == FakePipeline.digest for x in ok)
-    assert all(x["id"] == item_id(x["path"], x["image_sha256"], x["frame"], x["question"]) for x in lines)
+    assert all(x["id"] == item_id(x["path"], x["image_sha256"], x["frame"], x["question"]) for x in ok)
+    assert errors[0]["id"] == file_error_id(str(bad), errors[0]["image_sha256"]) and errors[0]["question"] is None
 
 
 def test_resume_truncates_a_torn_line_and_retries_errors_on_request(tmp_path):
@@ -234,7 +236,7 @@ def test_unreadable_file_becomes_error_lines(tmp_path):
     out = tmp_path / "out.jsonl"
     with ResultsFile(out, digest=FakePipeline.digest, resume=False) as results:
         s = run_screen(FakePipeline(), [f], [Question("Q", "Q")], results, task="open")
-    assert s.n_errors == 1 and "cannot read" in _lines(out)[0]["error"]
+    assert s.n_errors == 1 and "is a directory" in _lines(out)[0]["error"]
 
 
 def test_decode_errors_from_the_pipeline_are_recorded(tmp_path):
@@ -246,7 +248,7 @@ def test_decode_errors_from_the_pipeline_are_recorded(tmp_path):
     out = tmp_path / "out.jsonl"
     with ResultsFile(out, digest=FakePipeline.digest, resume=False) as results:
         run_screen(Failing(), [f], [Question("A", "A"), Question("B", "B")], results, task="open")
-    assert [x["error"] for x in _lines(out)] == ["synthetic decoder failure"] * 2
+    assert [x["error"] for x in _lines(out)] == ["synthetic decoder failure"]  # one line per refused file
 
 
 # ---------------------------------------------------------------------------------------------

@@ -300,11 +300,15 @@ def test_bad_samples_are_skipped_once_and_counted(tmp_path, tiny_model, caplog):
     _png(good, (0, 255, 0))
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"this is not an image at all")
-    # A JPEG whose header is fine but whose data is cut short: only decoding finds out.
+    # A PNG whose header is fine but whose compressed data is damaged: only decoding finds out
+    # (a JPEG cut short is already refused from its header: no end-of-image marker).
     noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
-    _, buf = cv2.imencode(".jpg", noise)
-    truncated = tmp_path / "truncated.jpg"
-    truncated.write_bytes(buf.tobytes()[: len(buf) * 3 // 4])
+    _, buf = cv2.imencode(".png", noise)
+    data = bytearray(buf.tobytes())
+    idat = data.find(b"IDAT") + 4
+    data[idat + 2 : idat + 2002] = bytes(2000)  # zeroed deflate data (its chunk CRC no longer matches)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(bytes(data))
     convs = [
         _conv("good", [good]),
         _conv("missing", [tmp_path / "nope.png"]),

@@ -130,10 +130,11 @@ def screen(
     (bad bundle, unwritable output); 2 bad usage.
     """
     from eyecare_edge.bundle import BundleError, read_manifest
-    from eyecare_edge.distributed.inputs import expand_paths
+    from eyecare_edge.distributed.inputs import scan_paths
     from eyecare_edge.llm import LLMError
     from eyecare_edge.pipeline import Pipeline
     from eyecare_edge.screening import (
+        InputScan,
         Question,
         ResultsFile,
         ScreenError,
@@ -175,7 +176,8 @@ def screen(
             "--address/--workers/--threads-per-worker/--gpus-per-worker/--sources-per-batch/--part-format need --engine ray"
         )
     try:
-        files = [] if engine == "ray" else expand_paths(inputs)  # ray: sources are resolved there
+        scan = InputScan([], []) if engine == "ray" else scan_paths(inputs)  # ray: sources are resolved there
+        files = scan.files
         if questions_file is not None:
             questions = load_questions(questions_file, task)
         elif question_texts:
@@ -272,6 +274,7 @@ def screen(
                     progress=progress,
                     extra_fields=extra,
                     **hooks,
+                    skipped_files=scan.skipped,
                 )
             except KeyboardInterrupt:
                 click.echo(f"\ninterrupted; finished items are in {output}: rerun with --resume", err=True)
@@ -288,6 +291,12 @@ def screen(
         + f"; results in {output}",
         err=True,
     )
+    if s.skipped_files:
+        click.echo(f"{s.n_skipped_files} file(s) in the folders skipped (not images screen reads):", err=True)
+        for sk in s.skipped_files[:10]:
+            click.echo(f"  skipped: {sk.path}: {sk.reason}", err=True)
+        if s.n_skipped_files > 10:
+            click.echo(f"  ... and {s.n_skipped_files - 10} more", err=True)
     shown = s.errors[:10]
     for line in shown:
         click.echo(f"  error: {line}", err=True)

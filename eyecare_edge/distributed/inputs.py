@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from eyecare_edge.screening import ScreenError, expand_inputs
+from eyecare_edge.screening import InputScan, ScreenError, SkippedFile, expand_inputs, scan_inputs
 
 MANIFEST_SUFFIXES = frozenset({".csv", ".tsv", ".jsonl", ".parquet", ".txt", ".lst"})
 _DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
@@ -193,18 +193,29 @@ def resolve_sources(inputs: Iterable[str | os.PathLike[str]]) -> list[Source]:
     return list(by_path.values())
 
 
-def expand_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """The local engine's inputs: like `screening.expand_inputs`, plus manifests (their paths)."""
+def scan_paths(inputs: Iterable[str | os.PathLike[str]]) -> InputScan:
+    """The local engine's inputs: `screening.scan_inputs` (files and the folder entries it
+    skipped), plus manifests (their paths, in manifest order)."""
     items = list(inputs)
     if not any(is_manifest(i) for i in items):
-        return expand_inputs(items)
+        return scan_inputs(items)
     seen: set[str] = set()
     out: list[Path] = []
+    skipped: list[SkippedFile] = []
     for item in items:
-        paths = [p for p, _ in read_manifest_rows(item)] if is_manifest(item) else expand_inputs([item])
+        if is_manifest(item):
+            paths = [Path(p) for p, _ in read_manifest_rows(item)]
+        else:
+            scan = scan_inputs([item])
+            paths, skipped = scan.files, skipped + list(scan.skipped)
         for p in paths:
             key = os.path.abspath(p)
             if key not in seen:
                 seen.add(key)
-                out.append(Path(p))
-    return out
+                out.append(p)
+    return InputScan(out, skipped)
+
+
+def expand_paths(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The files of :func:`scan_paths`."""
+    return scan_paths(inputs).files

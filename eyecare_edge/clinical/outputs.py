@@ -116,16 +116,13 @@ class ClinicalOutputs:
             src = anonymize_source(src)
         out = Written(src, answers)
         if sr_path is not None:
-            from eyecare_edge.clinical.sr import build_sr
+            from eyecare_edge.clinical.sr import build_sr, sr_bytes
 
             sr = build_sr(src, answers, self.protocol, self.device)
             out.sr_sop_instance_uid = str(sr.SOPInstanceUID)
-            from io import BytesIO
-
-            buf = BytesIO()
-            sr.save_as(buf, enforce_file_format=True)
+            data = sr_bytes(sr)
             try:
-                _atomic_write(sr_path, buf.getvalue())
+                _atomic_write(sr_path, data)
             except OSError as e:
                 raise ClinicalOutputError(f"{sr_path}: cannot write the SR ({e.strerror or e})") from e
             out.sr = sr_path

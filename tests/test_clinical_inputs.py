@@ -16,7 +16,9 @@ from clinical_fixtures import OP_8BIT, PATIENT, dsrdump, make_op_dicom
 from pydicom import uid
 
 from eyecare_edge.clinical import ClinicalOutputs, load_protocol
+from eyecare_edge.clinical.anonymize import scrub_paths
 from eyecare_edge.clinical.answers import DeviceInfo
+from eyecare_edge.clinical.screen_hook import ScreenClinical
 from eyecare_edge.clinical.source import read_source
 
 DEVICE = DeviceInfo("eyecare_gpt tiny", "c0ffee" * 10 + "beef", "ort-cpu int8", "llama.cpp q4_k_m", 405, 1)
@@ -180,3 +182,38 @@ def test_anonymize_drops_the_rest_of_the_patient_module_too(tmp_path, protocol):
         if len(secret) > 1:
             assert secret.encode("utf-8") not in blob and secret.encode("latin-1") not in blob, secret
     assert sr.PatientIdentityRemoved == "YES" and "subject" not in _report(bundle)
+
+
+def test_scrub_paths_hides_every_form_of_every_file(tmp_path):
+    a, b = tmp_path / "in" / "Mueller_Juergen.dcm", tmp_path / "in" / "Doe_Jane.jpg"
+    line = f"in/Mueller_Juergen.dcm: broken; {a}: broken; Doe_Jane.jpg: broken"
+    out = scrub_paths(line, [str(a), str(b), "in/Mueller_Juergen.dcm"])
+    assert "Mueller" not in out and "Doe_Jane" not in out and out.count("anon:") == 3
+    assert out.endswith(": broken") and out.startswith("anon:")
+    # a short name is replaced where it stands alone, not inside other words or names
+    assert scrub_paths("a.jpg: bad; data.jpg: ok; a.jpgx", ["a.jpg"]).split(";")[1:] == [
+        " data.jpg: ok",
+        " a.jpgx",
+    ]
+
+
+def test_screen_hook_failures_are_reported_anonymized_and_undecodable_files_are_skipped(tmp_path, protocol):
+    hook = ScreenClinical(protocol, tmp_path / "sr", tmp_path / "fhir", anonymize=True)
+    hook.outputs = ClinicalOutputs(
+        protocol, DEVICE, sr_dir=hook.sr_dir, fhir_dir=hook.fhir_dir, anonymize=True
+    )
+    # Did not decode (garbage after the DICM magic): its error lines are the report, no SR and no
+    # second error for the header the SR writer cannot parse either.
+    bad = tmp_path / "Doe_Jane_broken.dcm"
+    bad.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)
+    hook.on_file(
+        bad,
+        [{**r, "error": f"{bad}: corrupt DICOM", "choice": None} for r in _lines(protocol, sha="cd" * 32)],
+    )
+    assert hook.failures == [] and not list(hook.sr_dir.iterdir())
+    # Decoded, but the SR cannot be written (its name is taken by a folder): reported, no names.
+    src = make_op_dicom(tmp_path / "Doe_Jane.dcm", side=SIDE)
+    (hook.sr_dir / f"{'ab' * 8}.sr.dcm").mkdir()
+    hook.on_file(src, _lines(protocol))
+    (failure,) = hook.failures
+    assert failure.startswith("anon:") and "SR/FHIR not written" in failure and "Doe" not in failure

@@ -232,6 +232,10 @@ def screen(
         err=True,
     )
     shown = s.errors[:10]
+    if anonymize:  # the lines name their files; the JSONL has them pseudonymized, so must stderr
+        from eyecare_edge.clinical.anonymize import scrub_paths
+
+        shown = [scrub_paths(line, [str(f) for f in files]) for line in shown]
     for line in shown:
         click.echo(f"  error: {line}", err=True)
     if s.n_errors > len(shown):

@@ -18,6 +18,7 @@ from pydicom import uid
 from eyecare_edge.clinical import ClinicalOutputs, load_protocol
 from eyecare_edge.clinical.anonymize import scrub_paths
 from eyecare_edge.clinical.answers import DeviceInfo
+from eyecare_edge.clinical.protocol import ProtocolError
 from eyecare_edge.clinical.screen_hook import ScreenClinical
 from eyecare_edge.clinical.source import read_source
 
@@ -217,3 +218,42 @@ def test_screen_hook_failures_are_reported_anonymized_and_undecodable_files_are_
     hook.on_file(src, _lines(protocol))
     (failure,) = hook.failures
     assert failure.startswith("anon:") and "SR/FHIR not written" in failure and "Doe" not in failure
+
+
+# ------------------------------------------------------------------- protocol files
+
+_PROTOCOL = """\
+id: p
+min_option_probability: 0.5
+questions:
+  - id: dme
+    question: Macular edema?
+    concept: {scheme: SCT, value: "1234", meaning: DME}
+    options:
+      A: {text: "Yes", code: {scheme: SCT, value: "373066001", meaning: "Yes"}}
+      B: {text: "No", code: {scheme: SCT, value: "373067005", meaning: "No"}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        # a misspelt threshold was ignored and 0.5 used without a word
+        ("min_option_probability", "min_option_probabilty", r":2: unknown key\(s\) 'min_option_probabilty'"),
+        ('A: {text: "Yes"', "A: {text: Yes", r":8: questions\[0\] \(dme\)\.A: 'text' .*got True.*quote it"),
+        ('value: "373066001"', "value: 373066001", r":8: questions\[0\] \(dme\)\.A\.code: 'value' .*number"),
+        ("      B: {", "      A: {", r":9: key 'A' repeats"),  # PyYAML kept the second A silently
+        ("    concept:", "    conept:", r":6: questions\[0\] \(dme\): unknown key\(s\) 'conept'"),
+        ("      A: {text", "     A: {text", r":9: invalid YAML"),
+    ],
+    ids=["typo-key", "unquoted-yes", "numeric-code", "repeated-option", "typo-concept", "indent"],
+)
+def test_protocol_mistakes_name_the_file_line_and_entry(tmp_path, old, new, message):
+    good = tmp_path / "good.yaml"
+    good.write_text(_PROTOCOL)
+    assert load_protocol(good).question("dme").option("A").code.value == "373066001"
+    bad = tmp_path / "bad.yaml"
+    assert old in _PROTOCOL
+    bad.write_text(_PROTOCOL.replace(old, new, 1))
+    with pytest.raises(ProtocolError, match=f"^{bad}{message}"):
+        load_protocol(bad)

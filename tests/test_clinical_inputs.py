@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from clinical_fixtures import OP_8BIT, PATIENT, dsrdump, make_op_dicom
 from pydicom import uid
+from test_clinical import _validate_fhir
 
 from eyecare_edge.clinical import ClinicalOutputs, load_protocol
 from eyecare_edge.clinical.anonymize import scrub_paths
@@ -84,6 +85,14 @@ def test_latin1_names_and_the_whole_patient_module_are_copied_unchanged(tmp_path
     text = dsrdump(_w.sr)
     assert "Müller^Jürgen" in text and "Schäfer^Anna" in text and "KLINIKUM-X" in text
     assert _report(bundle)["subject"]["display"] == "Müller Jürgen"
+    # the source's ImageLaterality (R) is the finding site of every answer, in the SR and FHIR
+    import highdicom as hd
+
+    report = hd.sr.MeasurementReport.from_sequence(hd.sr.srread(_w.sr).content)
+    (site,) = report.get_image_measurement_groups()[0].finding_sites
+    assert (site.value.value, site.laterality.value) == ("81745001", "24028007")  # Eye, Right
+    observations = [e["resource"] for e in _validate_fhir(_w.fhir)["entry"][2:]]
+    assert {o["bodySite"]["text"] for o in observations} == {"right eye"}
 
 
 def test_japanese_iso2022_names_keep_every_component_group(tmp_path, protocol):

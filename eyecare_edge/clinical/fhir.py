@@ -111,6 +111,11 @@ def build_bundle(
         }
         if subject:
             obs["subject"] = subject
+        if src.laterality:  # R4 bodySite has no laterality element: the eye coded, the side as text
+            obs["bodySite"] = {
+                "coding": [{"system": "http://snomed.info/sct", "code": "81745001", "display": "Eye"}],
+                "text": {"L": "left eye", "R": "right eye", "B": "both eyes"}[src.laterality],
+            }
         if effective:
             obs["effectiveDateTime"] = effective
         if a.status == "answered" and a.option is not None:

@@ -37,6 +37,8 @@ SERIES_NUMBER = 9180  # arbitrary but fixed: the series an eyecare-edge SR lands
 MANUFACTURER = "eyecare-edge"
 # The concept of the note on where the UIDs came from: DCM 121106 "Comment".
 COMMENT = codes.DCM.Comment
+# DICOM (Image) Laterality -> the SNOMED CT laterality qualifier of the finding site "Eye"
+LATERALITY = {"L": codes.SCT.Left, "R": codes.SCT.Right, "B": codes.SCT.RightAndLeft}
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # the evidence class of a source that is not DICOM
 
 
@@ -109,9 +111,13 @@ def _group(
     if src.is_dicom and src.sop_instance_uid and src.sop_class_uid:
         frames = None if frame is None else [frame + 1]
         sources = [hd.sr.SourceImageForMeasurementGroup(src.sop_class_uid, src.sop_instance_uid, frames)]
+    sites = None
+    if src.laterality:  # a DR grade is per eye: the source's (Image) Laterality travels with it
+        sites = [hd.sr.FindingSite(codes.SCT.Eye, laterality=LATERALITY[src.laterality])]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         algorithm_id=algorithm,
+        finding_sites=sites,
         qualitative_evaluations=evaluations or None,
         source_images=sources,
     )

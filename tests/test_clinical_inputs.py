@@ -9,6 +9,7 @@ by hand (as in test_clinical.py)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pydicom
 import pytest
@@ -93,6 +94,9 @@ def test_latin1_names_and_the_whole_patient_module_are_copied_unchanged(tmp_path
     assert (site.value.value, site.laterality.value) == ("81745001", "24028007")  # Eye, Right
     observations = [e["resource"] for e in _validate_fhir(_w.fhir)["entry"][2:]]
     assert {o["bodySite"]["text"] for o in observations} == {"right eye"}
+    # every literal reference in the transaction resolves to one of its entries
+    refs = re.findall(r'"reference": "([^"]+)"', _w.fhir.read_text())
+    assert len(refs) == 3 + 3 and set(refs) <= {e["fullUrl"] for e in bundle["entry"]}
 
 
 def test_japanese_iso2022_names_keep_every_component_group(tmp_path, protocol):

@@ -174,6 +174,27 @@ def decode_image_bytes(
     return _load(BytesSource(data), name, max_pixels, max_decoded_bytes, single=False)
 
 
+def read_dicom_header(source: str | os.PathLike[str] | bytes, name: str = "<memory>") -> Any | None:
+    """The pydicom data set of a DICOM file (or its bytes, called `name`), pixel data unread,
+    read exactly as the decoder reads it (with or without the 128-byte preamble); None when the
+    file is not DICOM. For callers that need its identifiers (the clinical SR/FHIR outputs)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _dicom_header_or_none(_BytesSource(source), name)
+    name = os.fspath(source)
+    with _open_file(name) as src:
+        return _dicom_header_or_none(src, name)
+
+
+def _dicom_header_or_none(src: _Source, name: str) -> Any | None:
+    head = src.read(0, 132)
+    if not (head[128:132] == b"DICM" or _looks_like_bare_dicom(head)):
+        return None
+    try:
+        return _dicom_read(src, pixels=False)
+    except _Invalid as exc:
+        raise ImageError(name, str(exc)) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading: header -> limits -> decode -> RGB uint8
 # ---------------------------------------------------------------------------------------------

@@ -172,8 +172,13 @@ def test_screen_anonymize_and_usage(assets, tmp_path):
     r = run(main, [*args, "--protocol", str(bad), *FAST_CLI])
     assert r.exit_code == 2 and "bad.yaml" in r.output
 
+    # A file that cannot be decoded: its error lines (JSONL and stderr) must not name it either.
+    broken = tmp_path / "Doe_Jane_EYE-0042.dcm"
+    broken.write_bytes(op.read_bytes()[:3000])
+    args[3:3] = [str(broken)]
     r = run(main, [*args, "--sr-dir", str(tmp_path / "sr"), "--anonymize", "--max-tokens", "4", *FAST_CLI])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 3, r.output
+    assert "error: anon:" in r.output and "Doe" not in r.output and "EYE-0042" not in r.output
     written = [out.read_text(), *(f.read_text() for f in (tmp_path / "fhir").iterdir())]
     written += [dsrdump(f) for f in (tmp_path / "sr").iterdir()]
     src = pydicom.dcmread(op)
@@ -183,8 +188,9 @@ def test_screen_anonymize_and_usage(assets, tmp_path):
     # With the closed answers under the default threshold the tiny model may or may not answer;
     # either way every closed line is an option or "no valid answer".
     for line in map(json.loads, out.read_text().splitlines()):
-        if line["question_id"] != "findings":
+        if line["question_id"] != "findings" and line["error"] is None:
             assert line["choice"]["status"] in ("answered", NO_VALID_ANSWER)
+        assert line["path"].startswith("anon:") and "Doe" not in (line["error"] or "")
 
 
 def test_screen_sr_without_highdicom_says_how_to_install(assets, tmp_path, monkeypatch):

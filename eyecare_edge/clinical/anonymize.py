@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -34,6 +35,7 @@ def anonymize_source(src: SourceInfo) -> SourceInfo:
         sop_instance_uid=None if src.sop_instance_uid is None else anonymous_uid(src.sop_instance_uid),
         identifiers=tuple((k, "") for k in IDENTIFYING),
         anonymized=True,
+        header=None,
     )
 
 
@@ -41,6 +43,24 @@ def path_pseudonym(path: str) -> str:
     """What stands in a JSONL line for a file path: a hash of the absolute path (so two copies
     of an image still get distinct, stable names) that says nothing of the name."""
     return "anon:" + hashlib.sha256(os.path.abspath(path).encode("utf-8")).hexdigest()[:16]
+
+
+def scrub_paths(text: str, paths: Iterable[str]) -> str:
+    """`text` (an error message) with every file of `paths` replaced by its pseudonym, in each
+    form a message may name it: as given, absolute, resolved, or its bare file name. A form is
+    replaced only where it stands alone (a file called "a.jpg" leaves "data.jpg" alone)."""
+    forms: dict[str, str] = {}
+    for p in paths:
+        if not p or p.startswith("anon:"):
+            continue
+        pseudo = path_pseudonym(p)
+        for form in (p, os.path.abspath(p), os.path.realpath(p), os.path.basename(p)):
+            if form:
+                forms.setdefault(form, pseudo)
+    if not forms:
+        return text
+    alternatives = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
+    return re.sub(rf"(?<![\w.\-])(?:{alternatives})(?![\w\-]|\.\w)", lambda m: forms[m.group(0)], text)
 
 
 def anonymize_record(record: Mapping[str, Any], paths: Sequence[str] = ()) -> dict[str, Any]:
@@ -51,15 +71,10 @@ def anonymize_record(record: Mapping[str, Any], paths: Sequence[str] = ()) -> di
     known = [p for p in (path, *paths) if isinstance(p, str) and p and not p.startswith("anon:")]
     if not known:
         return rec
-    pseudo = path_pseudonym(known[0])
-    if isinstance(path, str) and path:
-        rec["path"] = pseudo
-    err = rec.get("error")
-    if isinstance(err, str):
-        forms = {f for p in known for f in (p, os.path.abspath(p), os.path.basename(p)) if f}
-        for form in sorted(forms, key=len, reverse=True):
-            err = err.replace(form, pseudo)
-        rec["error"] = err
+    if isinstance(path, str) and path and not path.startswith("anon:"):
+        rec["path"] = path_pseudonym(path)
+    if isinstance(rec.get("error"), str):
+        rec["error"] = scrub_paths(rec["error"], known)
     return rec
 
 

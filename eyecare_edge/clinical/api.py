@@ -8,11 +8,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from eyecare_edge.bundle import sha256_file
 from eyecare_edge.clinical.answers import device_info
 from eyecare_edge.clinical.constrained import ProtocolAnswerer
 from eyecare_edge.clinical.outputs import Written, write_clinical_results
 from eyecare_edge.clinical.protocol import Protocol
-from eyecare_edge.clinical.source import file_sha256
 
 
 def answer_protocol(
@@ -21,7 +21,7 @@ def answer_protocol(
     """Every protocol question about every frame of `source` (a path or the file's bytes), as
     screen-format lines (question, question_id, frame, answer, choice for closed questions,
     image_sha256, error None). Raises what `Pipeline.decode` raises for an unreadable image."""
-    sha = hashlib.sha256(source).hexdigest() if isinstance(source, bytes) else file_sha256(source)
+    sha = hashlib.sha256(source).hexdigest() if isinstance(source, bytes) else sha256_file(source)
     answerer = ProtocolAnswerer(pipeline, protocol, max_tokens=max_tokens)
     lines = []
     for image in pipeline.decode(source):

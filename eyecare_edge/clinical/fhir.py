@@ -45,6 +45,14 @@ def _concept(code: Code, protocol: Protocol, text: str | None = None) -> dict[st
     return cc
 
 
+def _display_name(pn: str) -> str:
+    """A DICOM person name as display text: its first non-empty component group (alphabetic,
+    else ideographic or phonetic: "Yamada^Tarou=山田^太郎=やまだ^たろう" -> "Yamada Tarou"),
+    components joined by spaces."""
+    group = next((g for g in pn.split("=") if g.strip("^ ")), "")
+    return " ".join(c.strip() for c in group.split("^") if c.strip())
+
+
 def _study_date(src: SourceInfo) -> str | None:
     """The study date as a FHIR date. DICOM's StudyTime has no time zone and FHIR dateTimes with
     a time need one, so the time is left out rather than guessed."""
@@ -72,9 +80,9 @@ def build_bundle(
     subject = None
     if patient_id:
         subject = {"type": "Patient", "identifier": {"value": patient_id}}
-        name = src.identifier("PatientName")
+        name = _display_name(src.identifier("PatientName"))
         if name:
-            subject["display"] = name.replace("^", " ").strip()
+            subject["display"] = name
     effective = _study_date(src)
 
     device_url = f"urn:uuid:{_uuid(*key, 'device')}"
@@ -103,6 +111,11 @@ def build_bundle(
         }
         if subject:
             obs["subject"] = subject
+        if src.laterality:  # R4 bodySite has no laterality element: the eye coded, the side as text
+            obs["bodySite"] = {
+                "coding": [{"system": "http://snomed.info/sct", "code": "81745001", "display": "Eye"}],
+                "text": {"L": "left eye", "R": "right eye", "B": "both eyes"}[src.laterality],
+            }
         if effective:
             obs["effectiveDateTime"] = effective
         if a.status == "answered" and a.option is not None:

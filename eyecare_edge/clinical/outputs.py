@@ -8,6 +8,7 @@ a temporary name and renamed, so a killed run leaves no half-written SR.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eyecare_edge.bundle import sha256_file
 from eyecare_edge.clinical.anonymize import anonymize_record, anonymize_source
 from eyecare_edge.clinical.answers import DeviceInfo, QuestionAnswer, answers_from_records
 from eyecare_edge.clinical.protocol import Protocol
@@ -100,32 +102,31 @@ class ClinicalOutputs:
         lines are in the JSONL) or nothing is new."""
         new = list(records)
         sha = next((r["image_sha256"] for r in new if r.get("image_sha256")), None)
-        src = read_source(path, sha, name=name)
-        sr_path, fhir_path = self._paths(src.sha256)
+        if sha is None:
+            sha = hashlib.sha256(path).hexdigest() if isinstance(path, bytes) else sha256_file(path)
+        sr_path, fhir_path = self._paths(sha)
         if not new and all(p is None or p.exists() for p in (sr_path, fhir_path)):
             return None
-        merged = [*self.previous.get(src.sha256, []), *new]
+        merged = [*self.previous.get(sha, []), *new]
         if self.anonymize:  # error texts may name the file
             merged = [
                 anonymize_record(r, [name if isinstance(path, bytes) else os.fspath(path)]) for r in merged
             ]
         answers = answers_from_records(merged, self.protocol)
         if not answers or all(r.get("error") is not None for r in merged):
-            return None
+            return None  # before reading the header: a file that did not decode may not parse either
+        src = read_source(path, sha, name=name)
         if self.anonymize:
             src = anonymize_source(src)
         out = Written(src, answers)
         if sr_path is not None:
-            from eyecare_edge.clinical.sr import build_sr
+            from eyecare_edge.clinical.sr import build_sr, sr_bytes
 
             sr = build_sr(src, answers, self.protocol, self.device)
             out.sr_sop_instance_uid = str(sr.SOPInstanceUID)
-            from io import BytesIO
-
-            buf = BytesIO()
-            sr.save_as(buf, enforce_file_format=True)
+            data = sr_bytes(sr)
             try:
-                _atomic_write(sr_path, buf.getvalue())
+                _atomic_write(sr_path, data)
             except OSError as e:
                 raise ClinicalOutputError(f"{sr_path}: cannot write the SR ({e.strerror or e})") from e
             out.sr = sr_path

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import string
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -106,85 +106,141 @@ class Protocol:
         return {**STANDARD_SYSTEMS, **self.systems}[scheme]
 
 
-def _code(obj: Any, where: str, systems: Mapping[str, str]) -> Code:
-    if not isinstance(obj, dict) or not all(
-        isinstance(obj.get(k), str) and obj[k] for k in ("scheme", "value", "meaning")
-    ):
-        raise ProtocolError(f"{where}: expected a code {{scheme, value, meaning}} of non-empty strings")
-    code = Code(obj["scheme"], obj["value"], obj["meaning"])
+_TOP_KEYS = ("id", "name", "min_option_probability", "systems", "questions")
+_QUESTION_KEYS = ("id", "kind", "question", "concept", "options")
+_OPTION_KEYS = ("text", "code")
+_CODE_KEYS = ("scheme", "value", "meaning")
+
+
+class _Map(dict):
+    """A YAML mapping that remembers the line it starts on, for error messages."""
+
+    line: int | None = None
+    key_lines: dict[Any, int] | None = None
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where in the protocol an entry is: the file, the entry's path, the mapping's line."""
+
+    source: str
+    path: str = ""
+    line: int | None = None
+
+    def at(self, path: str, obj: Any = None) -> _Where:
+        line = getattr(obj, "line", None) or self.line
+        return _Where(self.source, f"{self.path}{path}", line)
+
+    def error(self, message: str) -> ProtocolError:
+        place = self.source if self.line is None else f"{self.source}:{self.line}"
+        return ProtocolError(f"{place}: {self.path + ': ' if self.path else ''}{message}")
+
+
+def _check_keys(obj: dict, allowed: tuple[str, ...], where: _Where) -> None:
+    """Refuse keys the protocol does not know: a misspelt `min_option_probabilty` would otherwise
+    be ignored and the default threshold used without a word."""
+    unknown = [k for k in obj if k not in allowed]
+    if unknown:
+        line = (getattr(obj, "key_lines", None) or {}).get(unknown[0], where.line)
+        raise replace(where, line=line).error(
+            f"unknown key(s) {', '.join(repr(str(k)) for k in unknown)} (expected: {', '.join(allowed)})"
+        )
+
+
+def _string(obj: dict, key: str, where: _Where, *, required: bool = True) -> str | None:
+    """obj[key] as a non-empty string; YAML reads unquoted Yes/No/On/Off as booleans and digit
+    codes as numbers, so those get a hint to quote the value."""
+    value = obj.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, (bool, int, float)):
+        kind = "boolean" if isinstance(value, bool) else "number"
+        raise where.error(
+            f"'{key}' must be a string, got {value!r}: YAML reads it unquoted as a {kind}; quote it"
+        )
+    raise where.error(f"'{key}' must be a non-empty string")
+
+
+def _code(obj: Any, where: _Where, systems: Mapping[str, str]) -> Code:
+    where = where.at("", obj)
+    if not isinstance(obj, dict):
+        raise where.error("expected a code {scheme, value, meaning}")
+    _check_keys(obj, _CODE_KEYS, where)
+    code = Code(*(str(_string(obj, k, where)) for k in _CODE_KEYS))
     # DICOM limits: Code Value is SH (16 chars; longer needs Long Code Value), Code Meaning LO (64).
     if len(code.value) > 16:
-        raise ProtocolError(f"{where}: code value {code.value!r} is longer than DICOM's 16 characters")
+        raise where.error(f"code value {code.value!r} is longer than DICOM's 16 characters")
     if len(code.meaning) > 64:
-        raise ProtocolError(f"{where}: code meaning is longer than DICOM's 64 characters")
+        raise where.error("code meaning is longer than DICOM's 64 characters")
     if code.scheme not in STANDARD_SYSTEMS and code.scheme not in systems:
-        raise ProtocolError(
-            f"{where}: coding scheme {code.scheme!r} has no FHIR system; add it under 'systems' "
+        raise where.error(
+            f"coding scheme {code.scheme!r} has no FHIR system; add it under 'systems' "
             f"(known: {', '.join(sorted(STANDARD_SYSTEMS))})"
         )
     return code
 
 
-def _question(obj: Any, where: str, systems: Mapping[str, str]) -> ProtocolQuestion:
+def _question(obj: Any, where: _Where, systems: Mapping[str, str]) -> ProtocolQuestion:
+    where = where.at("", obj)
     if not isinstance(obj, dict):
-        raise ProtocolError(f"{where}: expected a mapping with id, kind, question, concept")
-    qid, kind, text = obj.get("id"), obj.get("kind", "closed"), obj.get("question")
-    if not isinstance(qid, str) or not qid:
-        raise ProtocolError(f"{where}: 'id' must be a non-empty string")
-    where = f"{where} ({qid})"
+        raise where.error("expected a mapping with id, kind, question, concept")
+    qid = _string(obj, "id", where)
+    where = where.at(f" ({qid})")
+    _check_keys(obj, _QUESTION_KEYS, where)
+    kind = obj.get("kind", "closed")
     if kind not in KINDS:
-        raise ProtocolError(f"{where}: kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    if not isinstance(text, str) or not text.strip():
-        raise ProtocolError(f"{where}: 'question' must be a non-empty string")
-    concept = _code(obj.get("concept"), f"{where}.concept", systems)
+        raise where.error(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    text = str(_string(obj, "question", where))
+    concept = _code(obj.get("concept"), where.at(".concept"), systems)
     options: list[Option] = []
     raw = obj.get("options")
     if kind == "closed":
         if not isinstance(raw, dict) or len(raw) < 2:
-            raise ProtocolError(
-                f"{where}: a closed question needs at least two options (letter -> text, code)"
-            )
+            raise where.error("a closed question needs at least two options (letter -> text, code)")
         for letter, opt in raw.items():
+            at = where.at(f".{letter}", opt)
             if not (isinstance(letter, str) and len(letter) == 1 and letter in string.ascii_uppercase):
-                raise ProtocolError(f"{where}: option key {letter!r} must be one capital letter A-Z")
-            if not isinstance(opt, dict) or not isinstance(opt.get("text"), str) or not opt["text"].strip():
-                raise ProtocolError(f"{where}.{letter}: expected {{text, code}}")
+                raise at.error(f"option key {letter!r} must be one capital letter A-Z")
+            if not isinstance(opt, dict):
+                raise at.error("expected {text, code}")
+            _check_keys(opt, _OPTION_KEYS, at)
+            option_text = str(_string(opt, "text", at))
             if "code" not in opt:
-                raise ProtocolError(
-                    f"{where}.{letter}: every option needs a code (an answer without one could not be filed)"
-                )
-            options.append(
-                Option(letter, opt["text"].strip(), _code(opt["code"], f"{where}.{letter}.code", systems))
-            )
+                raise at.error("every option needs a code (an answer without one could not be filed)")
+            options.append(Option(letter, option_text.strip(), _code(opt["code"], at.at(".code"), systems)))
         options.sort(key=lambda o: o.letter)
     elif raw is not None:
-        raise ProtocolError(f"{where}: a text question has no options")
-    return ProtocolQuestion(qid, kind, text.strip(), concept, tuple(options))
+        raise where.error("a text question has no options")
+    return ProtocolQuestion(str(qid), kind, text.strip(), concept, tuple(options))
 
 
 def parse_protocol(data: Any, source: str) -> Protocol:
-    """A Protocol from the parsed YAML/JSON object; `source` names the file in errors."""
+    """A Protocol from the parsed YAML/JSON object; `source` names the file in errors (with the
+    line of the entry when `data` came from `load_protocol`)."""
+    where = _Where(source).at("", data)
     if not isinstance(data, dict):
-        raise ProtocolError(f"{source}: expected a mapping with id, name, questions")
-    pid, name = data.get("id"), data.get("name", data.get("id"))
-    if not isinstance(pid, str) or not pid or not isinstance(name, str):
-        raise ProtocolError(f"{source}: 'id' (and 'name') must be strings")
+        raise where.error("expected a mapping with id, name, questions")
+    _check_keys(data, _TOP_KEYS, where)
+    pid = str(_string(data, "id", where))
+    name = _string(data, "name", where, required=False) or pid
     systems = data.get("systems") or {}
     if not isinstance(systems, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in systems.items()
     ):
-        raise ProtocolError(f"{source}: 'systems' must map scheme designators to URIs")
+        raise where.error("'systems' must map scheme designators to URIs")
     p_min = data.get("min_option_probability", 0.5)
-    if not isinstance(p_min, (int, float)) or not 0.0 <= float(p_min) < 1.0:
-        raise ProtocolError(f"{source}: min_option_probability must be a number in [0, 1)")
+    if isinstance(p_min, bool) or not isinstance(p_min, (int, float)) or not 0.0 <= float(p_min) < 1.0:
+        raise where.error("min_option_probability must be a number in [0, 1)")
     raw = data.get("questions")
     if not isinstance(raw, list) or not raw:
-        raise ProtocolError(f"{source}: 'questions' must be a non-empty list")
-    questions = [_question(q, f"{source}: questions[{i}]", systems) for i, q in enumerate(raw)]
+        raise where.error("'questions' must be a non-empty list")
+    questions = [_question(q, where.at(f"questions[{i}]"), systems) for i, q in enumerate(raw)]
     ids = [q.qid for q in questions]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
-    if dupes:
-        raise ProtocolError(f"{source}: question ids repeat: {', '.join(dupes)}")
+    for i, qid in enumerate(ids):
+        if qid in ids[:i]:
+            raise where.at(f"questions[{i}]", raw[i]).error(f"question id {qid!r} repeats")
     return Protocol(pid, name, tuple(questions), float(p_min), dict(systems), source)
 
 
@@ -196,9 +252,40 @@ def _yaml():
     return yaml
 
 
+def _load_yaml(text: str, source: str) -> Any:
+    """YAML with each mapping's line kept (`_Map.line`) and repeated keys refused (PyYAML keeps
+    the last of two `A:` options without a word)."""
+    yaml = _yaml()
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Any, node: Any) -> _Map:
+        loader.flatten_mapping(node)
+        out = _Map()
+        out.line = node.start_mark.line + 1
+        out.key_lines = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if key in out:
+                raise ProtocolError(f"{source}:{key_node.start_mark.line + 1}: key {key!r} repeats")
+            out[key] = loader.construct_object(value_node, deep=True)
+            out.key_lines[key] = key_node.start_mark.line + 1
+        return out
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        return yaml.load(text, Loader=Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ProtocolError(f"{source}{line}: invalid YAML ({e.problem or e})") from e
+    except yaml.YAMLError as e:
+        raise ProtocolError(f"{source}: invalid YAML ({e})") from e
+
+
 def load_protocol(path: str | os.PathLike[str] | None = None) -> Protocol:
     """A protocol file (YAML; JSON is YAML too), or the packaged default when `path` is None."""
-    yaml = _yaml()
     if path is None:
         text = resources.files("eyecare_edge.clinical").joinpath(DEFAULT_PROTOCOL).read_text("utf-8")
         source = f"<eyecare_edge.clinical/{DEFAULT_PROTOCOL}>"
@@ -209,8 +296,4 @@ def load_protocol(path: str | os.PathLike[str] | None = None) -> Protocol:
             text = p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ProtocolError(f"{p}: cannot read the protocol ({e})") from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ProtocolError(f"{source}: invalid YAML ({e})") from e
-    return parse_protocol(data, source)
+    return parse_protocol(_load_yaml(text, source), source)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eyecare_edge.clinical.anonymize import scrub_paths
 from eyecare_edge.clinical.answers import device_info
 from eyecare_edge.clinical.constrained import ProtocolAnswerer
 from eyecare_edge.clinical.outputs import (
@@ -18,6 +19,7 @@ from eyecare_edge.clinical.outputs import (
     require_highdicom,
 )
 from eyecare_edge.clinical.protocol import Protocol, load_protocol
+from eyecare_edge.images import ImageError
 from eyecare_edge.screening import Question
 
 
@@ -74,9 +76,14 @@ class ScreenClinical:
         assert self.outputs is not None
         try:
             self.outputs.write(path, lines)
-        except (ClinicalOutputError, OSError, ValueError) as e:
-            where = "a file" if self.anonymize else str(path)
-            self.failures.append(f"{where}: SR/FHIR not written ({' '.join(str(e).split())})")
+        except Exception as e:  # one file's SR must not stop a batch of thousands (its JSONL lines are kept)
+            why = (
+                str(e)
+                if isinstance(e, (ClinicalOutputError, OSError, ImageError))
+                else f"{type(e).__name__}: {e}"
+            )
+            line = f"{path}: SR/FHIR not written ({' '.join(why.split())})"
+            self.failures.append(scrub_paths(line, [str(path)]) if self.anonymize else line)
 
     @property
     def n_written(self) -> int:

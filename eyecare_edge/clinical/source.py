@@ -4,14 +4,13 @@ source (or new UIDs for a file that is not DICOM, said so in the outputs)."""
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import pydicom
-from pydicom.errors import InvalidDicomError
+from eyecare_edge.bundle import sha256_file
+from eyecare_edge.images import read_dicom_header
 
 # The patient/study attributes an SR copies from its source (the Patient and General Study
 # modules), as pydicom keywords. Carried unchanged unless anonymized.
@@ -26,6 +25,7 @@ IDENTIFYING = (
     "StudyTime",
     "ReferringPhysicianName",
 )
+_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
 def uid_from(text: str) -> str:
@@ -34,20 +34,14 @@ def uid_from(text: str) -> str:
     return "2.25." + str(int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:32], 16))
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class SourceInfo:
     """The source of one screened file.
 
     is_dicom False: the UIDs were generated here (from the file's sha256) and `format` says what
-    the file was. identifiers: IDENTIFYING keyword -> value as text ("" when absent).
+    the file was; a DICOM header without some of the study/series/instance UIDs keeps its
+    identifiers and gets the missing UIDs generated (`generated`). identifiers: IDENTIFYING
+    keyword -> value as text ("" when absent).
     """
 
     name: str
@@ -63,6 +57,10 @@ class SourceInfo:
     n_frames: int = 1
     identifiers: tuple[tuple[str, str], ...] = ()
     anonymized: bool = False
+    generated: tuple[str, ...] = ()  # keywords of the UIDs made here (a DICOM header lacked them)
+    # The DICOM header (pydicom data set, no pixels): the SR copies its Patient and Study modules
+    # and Specific Character Set whole, as highdicom does from an evidence instance.
+    header: Any = field(default=None, compare=False, repr=False)
 
     def identifier(self, keyword: str) -> str:
         return dict(self.identifiers).get(keyword, "")
@@ -75,46 +73,43 @@ def read_source(
     path: str | os.PathLike[str] | bytes, sha256: str | None = None, *, name: str = "<bytes>"
 ) -> SourceInfo:
     """The identifiers of `path` (or of the file's bytes, e.g. an upload, called `name`): from
-    its DICOM header (pixels not read), else new UIDs."""
+    its DICOM header, read as `images` reads it (bare data sets without the preamble included),
+    else new UIDs. Raises ImageError for a file that cannot be read."""
     if isinstance(path, bytes):
         p = Path(name)
         sha = sha256 or hashlib.sha256(path).hexdigest()
-        fp: Any = io.BytesIO(path)
     else:
         p = Path(path)
-        sha = sha256 or file_sha256(p)
-        fp = p
-    try:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, ValueError, TypeError):
-        ds = None
-    except OSError as e:
-        raise OSError(f"{p}: cannot read the source file ({e.strerror or e})") from e
-    if ds is not None and all(k in ds for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")):
-        ident = tuple((k, str(ds.get(k, "") or "")) for k in IDENTIFYING)
-        lat = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "")
+        sha = sha256 or sha256_file(p)
+    ds = read_dicom_header(path, name=str(p))
+    if ds is None:
         return SourceInfo(
             name=str(p),
             sha256=sha,
-            is_dicom=True,
-            study_uid=str(ds.StudyInstanceUID),
-            series_uid=str(ds.SeriesInstanceUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            sop_class_uid=str(ds.get("SOPClassUID", "")) or None,
-            modality=str(ds.get("Modality", "") or "OT"),
-            format="DICOM",
-            laterality=lat if lat in ("L", "R", "B") else "",
-            n_frames=int(ds.get("NumberOfFrames", 1) or 1),
-            identifiers=ident,
+            is_dicom=False,
+            study_uid=uid_from(f"eyecare-edge study\0{sha}"),
+            series_uid=uid_from(f"eyecare-edge series\0{sha}"),
+            sop_instance_uid=None,
+            sop_class_uid=None,
+            modality="OT",
+            format=p.suffix.lstrip(".").upper() or "unknown",
         )
+    uids = {k: str(ds.get(k, "") or "").strip() for k in _UIDS}
+    generated = tuple(k for k, v in uids.items() if not v)
+    lat = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "")
     return SourceInfo(
         name=str(p),
         sha256=sha,
-        is_dicom=False,
-        study_uid=uid_from(f"eyecare-edge study\0{sha}"),
-        series_uid=uid_from(f"eyecare-edge series\0{sha}"),
-        sop_instance_uid=None,
-        sop_class_uid=None,
-        modality="OT",
-        format=(p.suffix.lstrip(".").upper() or "unknown") if ds is None else "DICOM without UIDs",
+        is_dicom=True,
+        study_uid=uids["StudyInstanceUID"] or uid_from(f"eyecare-edge study\0{sha}"),
+        series_uid=uids["SeriesInstanceUID"] or uid_from(f"eyecare-edge series\0{sha}"),
+        sop_instance_uid=uids["SOPInstanceUID"] or None,
+        sop_class_uid=str(ds.get("SOPClassUID", "") or "").strip() or None,
+        modality=str(ds.get("Modality", "") or "OT"),
+        format="DICOM" if not generated else f"DICOM without {', '.join(generated)}",
+        laterality=lat if lat in ("L", "R", "B") else "",
+        n_frames=int(ds.get("NumberOfFrames", 1) or 1),
+        identifiers=tuple((k, str(ds.get(k, "") or "")) for k in IDENTIFYING),
+        generated=generated,
+        header=ds,
     )

@@ -298,6 +298,10 @@ def screen(
         if s.n_skipped_files > 10:
             click.echo(f"  ... and {s.n_skipped_files - 10} more", err=True)
     shown = s.errors[:10]
+    if anonymize:  # the lines name their files; the JSONL has them pseudonymized, so must stderr
+        from eyecare_edge.clinical.anonymize import scrub_paths
+
+        shown = [scrub_paths(line, [str(f) for f in files]) for line in shown]
     for line in shown:
         click.echo(f"  error: {line}", err=True)
     if s.n_errors > len(shown):

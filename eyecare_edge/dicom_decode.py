@@ -90,13 +90,13 @@ def real_decoders(ts: str) -> str:
 
 
 def dicom_header(src: Source) -> dict[str, Any]:
-    ds, pixel_pos = _read_dataset(src)
+    ds, pixel_pos = read_dataset(src)
     fields = dicom_fields(ds)
     fields["encoded_bytes"] = _pixel_extent(src, ds, pixel_pos, fields)
     return fields
 
 
-def _read_dataset(src: Source) -> tuple[Any, int | None]:
+def read_dataset(src: Source) -> tuple[Any, int | None]:
     """The data set without pixels, and where its Pixel Data element starts (None: unknown)."""
     import pydicom
 

@@ -44,11 +44,12 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import cv2
 import numpy as np
 
-from eyecare_edge.dicom_decode import decode_dicom, dicom_header
+from eyecare_edge.dicom_decode import decode_dicom, dicom_header, read_dataset
 from eyecare_edge.image_headers import HEADER_PARSERS, check_not_oversized
 from eyecare_edge.image_source import (
     DEFAULT_MAX_DECODED_BYTES,
@@ -179,19 +180,21 @@ def read_dicom_header(source: str | os.PathLike[str] | bytes, name: str = "<memo
     read exactly as the decoder reads it (with or without the 128-byte preamble); None when the
     file is not DICOM. For callers that need its identifiers (the clinical SR/FHIR outputs)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _dicom_header_or_none(_BytesSource(source), name)
+        return _dicom_header_or_none(BytesSource(bytes(source)), name)
     name = os.fspath(source)
-    with _open_file(name) as src:
+    with open_file(name) as src:
         return _dicom_header_or_none(src, name)
 
 
-def _dicom_header_or_none(src: _Source, name: str) -> Any | None:
-    head = src.read(0, 132)
-    if not (head[128:132] == b"DICM" or _looks_like_bare_dicom(head)):
-        return None
+def _dicom_header_or_none(src: Source, name: str) -> Any | None:
     try:
-        return _dicom_read(src, pixels=False)
-    except _Invalid as exc:
+        if sniff(src.read(0, 132)) != "dicom":
+            return None
+    except InvalidImage:
+        return None  # not an image format at all: not DICOM either
+    try:
+        return read_dataset(src)[0]
+    except InvalidImage as exc:
         raise ImageError(name, str(exc)) from None
 
 

@@ -358,7 +358,7 @@ def test_importing_the_package_does_not_import_highdicom():
 def test_run_screen_calls_on_file_once_per_file_and_answer_fn_per_item(tmp_path, protocol):
     """The two hooks `screen` uses, with a stand-in pipeline (the real one runs in
     test_clinical_screen): answer_fn replaces ask and adds its record_fields; on_file gets each
-    file's lines once it is done, errors included, and on resume only the new lines."""
+    file's lines once it is done, errors included (a refused file: its one line), and on resume only the new lines."""
     import cv2
 
     from eyecare_edge.clinical.screen_hook import ScreenClinical
@@ -398,7 +398,7 @@ def test_run_screen_calls_on_file_once_per_file_and_answer_fn_per_item(tmp_path,
     out = tmp_path / "r.jsonl"
     with ResultsFile(out, digest=Pipe.digest, resume=False) as res:
         run_screen(Pipe(), [good, broken], questions, res, task="protocol", answer_fn=answer_fn, on_file=on_file)
-    assert seen == [("a.png", 3), ("b.png", 3)] and asked == [q.prompt for q in questions]
+    assert seen == [("a.png", 3), ("b.png", 1)] and asked == [q.prompt for q in questions]
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert all(x["choice"]["letter"] == "A" for x in lines[:3]) and all(x["error"] for x in lines[3:])
     seen.clear()

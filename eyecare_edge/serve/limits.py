@@ -107,9 +107,9 @@ class RequestGuard:
         try:
             refusal = self._refusal(dict(scope.get("headers") or []))
             if refusal is not None:
-                await send_error(counted_send, refusal)
-                if refusal.status == 413:
+                if refusal.status == 413:  # before answering: uvicorn stops delivering the body after
                     await _discard_body(receive, LINGER_BYTES)
+                await send_error(counted_send, refusal)
                 return
             received = 0
 
@@ -141,8 +141,8 @@ class RequestGuard:
         return None
 
 
-# A refused upload is read and thrown away up to this many bytes before the connection closes:
-# closing on unread data resets it, and a client still sending (urllib, most camera SDKs) then
+# A refused upload is read and thrown away, up to this many bytes, before the 413 is sent (uvicorn
+# delivers no more body once a response is complete): closing on unread data resets the connection, and a client still sending (urllib, most camera SDKs) then
 # gets a broken pipe instead of the 413 (seen in tests/test_serve_screen.py under load). nginx's
 # lingering close does the same.
 LINGER_BYTES = 64 << 20

@@ -85,9 +85,10 @@ def test_every_cpu_precision_agrees_with_fp32(assets, manifest, tiles):
 
 
 def test_cpu_order_skips_variants_that_failed_validation(manifest):
-    assert cpu_precision_order(manifest) == ["int8_u8s8", "int8", "fp32"]
+    # the int8 file is TensorRT's (FP16 base): never the CPU's automatic choice
+    assert cpu_precision_order(manifest) == ["int8_u8s8", "fp32"]
     failed = dataclasses.replace(manifest, validation={"vision_int8_u8s8": {"passed": False}})
-    assert cpu_precision_order(failed) == ["int8", "fp32"]
+    assert cpu_precision_order(failed) == ["fp32"]
 
 
 def test_bad_requests_name_the_problem(assets, manifest):

@@ -401,7 +401,15 @@ class LlamaCppLM:
         mparams.n_gpu_layers = self.gpu_layers
         mparams.load_mode = _lib.LLAMA_LOAD_MODE_MMAP if opts.use_mmap else _lib.LLAMA_LOAD_MODE_NONE
         mparams.use_extra_bufts = opts.repack
+        self.fallback: str | None = None  # why the LLM runs on the CPU although offload was automatic
         self._model = _lib.llama_model_load_from_file(str(self.path).encode("utf-8"), mparams)
+        if not self._model and self.gpu_layers != 0 and opts.n_gpu_layers is None:
+            # Automatic offload failed (GPU out of memory, driver mismatch): say so, run on the CPU.
+            self.fallback = "loading with every layer on the GPU failed (out of GPU memory?)"
+            logging.getLogger(__name__).warning("%s: %s; loading on the CPU", self.path, self.fallback)
+            self.gpu_layers = mparams.n_gpu_layers = 0
+            self.flash_attn = resolve_flash_attn(opts.flash_attn, 0)
+            self._model = _lib.llama_model_load_from_file(str(self.path).encode("utf-8"), mparams)
         if not self._model:
             self._model = None
             raise LLMError(f"{self.path}: llama.cpp could not load this GGUF (unsupported or corrupt model)")
@@ -530,7 +538,7 @@ class LlamaCppLM:
             share = f"all {n}" if n == self._n_layer else f"{n}/{self._n_layer}"
             return f"GPU ({share} layers offloaded, {fa})"
         why = "n_gpu_layers=0" if gpu_offload_supported() else "this llama.cpp build has no GPU offload"
-        return f"CPU ({why}, {fa})"
+        return f"CPU ({self.fallback or why}, {fa})"
 
     @property
     def n_vocab(self) -> int:

@@ -905,10 +905,12 @@ class _as_tensorrt_error:
         if isinstance(exc, TensorRTError):
             return False
         if isinstance(exc, ImportError):
-            raise TensorRTError(
-                f"{self.step}: {exc.name or 'a module'} is not installed ({exc}); the engine check "
-                "compares against the FP32 ONNX with onnxruntime: pip install 'eyecare-edge[cpu]'"
-            ) from exc
+            fix = (
+                "; the engine check compares against the FP32 ONNX with it: pip install 'eyecare-edge[cpu]'"
+                if exc.name == "onnxruntime"
+                else ""
+            )
+            raise TensorRTError(f"{self.step}: {exc.name or 'a module'} is not installed ({exc}){fix}") from exc
         raise EngineBuildError(f"{self.step}: {type(exc).__name__}: {exc}") from exc
 
 

@@ -292,7 +292,7 @@ def _onnx_entry(manifest: Manifest, precision: str) -> FileEntry:
     entry = manifest.find("vision", format="onnx", precision=precision)
     if entry is None:
         have = ", ".join(manifest.precisions("vision", "onnx")) or "none"
-        hint = " (re-export with --vision fp16, the default since FP16 became the GPU format)" if precision == "fp16" else ""
+        hint = " (re-export it: `eyecare-edge export` writes FP16 by default)" if precision == "fp16" else ""
         raise VisionError(f"bundle has no {precision} vision ONNX (it has: {have}){hint}")
     return entry
 

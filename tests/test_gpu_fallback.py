@@ -331,3 +331,27 @@ def test_pipeline_describe_names_both_devices(assets, monkeypatch):
         line = pipe.describe()
     assert "vision: onnxruntime-cpu" in line and " on CPU " in line and "llm: llama.cpp" in line
     assert ("on CPU (" in line.split("llm:")[1]) or ("on GPU (" in line.split("llm:")[1])
+
+
+def test_llm_falls_back_to_the_cpu_when_automatic_offload_fails(assets, monkeypatch):
+    """A GPU build whose offloaded load fails (out of GPU memory): the model loads on the CPU and
+    says why; an explicit n_gpu_layers request fails instead."""
+    from eyecare_edge.pipeline import choose_llm
+
+    lib = llm_mod._lib
+    real = lib.llama_model_load_from_file
+    asked: list[int] = []
+
+    def load(path, params):
+        asked.append(params.n_gpu_layers)
+        return None if params.n_gpu_layers != 0 else real(path, params)
+
+    monkeypatch.setattr(llm_mod, "gpu_offload_supported", lambda: True)
+    monkeypatch.setattr(lib, "llama_model_load_from_file", load)
+    path = assets.bundle / choose_llm(read_manifest(assets.bundle), "q4_k_m").path
+    with llm_mod.LlamaCppLM(path, llm_mod.LLMOptions(n_ctx=256, n_threads=1)) as lm:
+        assert asked == [-1, 0] and lm.gpu_layers == 0 and lm.flash_attn == "disabled"
+        assert lm.describe_device().startswith("CPU (loading with every layer on the GPU failed")
+        assert lm.tokenize("eye")  # a working model
+    with pytest.raises(llm_mod.LLMError, match="could not load"):
+        llm_mod.LlamaCppLM(path, llm_mod.LLMOptions(n_ctx=256, n_threads=1, n_gpu_layers=-1))

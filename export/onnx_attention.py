@@ -108,4 +108,3 @@ def attention_layout(model: onnx.ModelProto) -> dict[str, int]:
             key = {"MatMul": "matmul", "Mul": "mul", "Cast": "cast"}.get(src, src.lower())
             out[key] = out.get(key, 0) + 1
     return out
-

@@ -66,6 +66,11 @@ class QuantSettings:
     # on the tiny model (AVX2 CPU): 8-bit weights cosine 0.9976 fused vs 0.9996 exact Q/DQ;
     # 7-bit 0.9989 both ways. On by default for the CPU variant only: TensorRT accumulates exactly.
     reduce_range: bool = False
+    # Floor of every scale (weights and activations). 0 for FP32 graphs; float16's smallest normal
+    # (6.1e-5) for the TensorRT variant, whose Q/DQ run on an FP16 base: a weight channel with
+    # |w| < 0.0078 would otherwise get a scale that is 0 or subnormal in FP16, which TensorRT
+    # rejects. The int8 values are computed for the clamped scale, so nothing else changes.
+    min_scale: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -368,31 +373,32 @@ class _QParams:
     dtype: int  # TensorProto.INT8 or UINT8
 
 
-def activation_qparams(r: TensorRange, *, symmetric: bool) -> _QParams:
-    """Scale/zero point of an activation: symmetric int8 (zp 0) or asymmetric uint8."""
+def activation_qparams(r: TensorRange, *, symmetric: bool, min_scale: float = 0.0) -> _QParams:
+    """Scale/zero point of an activation: symmetric int8 (zp 0) or asymmetric uint8; the scale
+    is at least `min_scale`."""
     if symmetric:
         a = r.threshold if r.threshold is not None else r.amax
-        return _QParams(a / 127.0 if a > 0 else 1.0, 0, TensorProto.INT8)
+        return _QParams(max(a / 127.0, min_scale) if a > 0 else 1.0, 0, TensorProto.INT8)
     lo, hi = min(r.min, 0.0), max(r.max, 0.0)
     if r.threshold is not None:
         lo, hi = max(lo, -r.threshold), min(hi, r.threshold)
-    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    scale = max((hi - lo) / 255.0, min_scale) if hi > lo else 1.0
     zp = int(np.clip(np.rint(-lo / scale), 0, 255))
     return _QParams(scale, zp, TensorProto.UINT8)
 
 
 def quantize_weight(
-    w: np.ndarray, axis: int, *, per_channel: bool, reduce_range: bool = False
+    w: np.ndarray, axis: int, *, per_channel: bool, reduce_range: bool = False, min_scale: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 weights in [-127, 127] ([-63, 63] with `reduce_range`) and their scales
-    ([C] along `axis`, or a scalar)."""
+    ([C] along `axis`, or a scalar; each at least `min_scale`, the weights rounded for it)."""
     qmax = 63.0 if reduce_range else 127.0
     if per_channel:
         other = tuple(i for i in range(w.ndim) if i != axis)
         amax = np.abs(w).max(axis=other)
     else:
         amax = np.asarray(np.abs(w).max())
-    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    scale = np.where(amax > 0, np.maximum(amax / qmax, min_scale), 1.0).astype(np.float32)
     shape = [1] * w.ndim
     if per_channel:
         shape[axis] = -1
@@ -408,6 +414,7 @@ def insert_qdq(
     symmetric_activations: bool,
     per_channel: bool,
     reduce_range: bool = False,
+    min_scale: float = 0.0,
 ) -> int:
     """Rewrite `model` in place: Q/DQ on each GEMM's activation, int8 weight + DQ. Returns the count."""
     g = model.graph
@@ -428,7 +435,7 @@ def insert_qdq(
             new_nodes.append(node)
             continue
         act = q.activation
-        p = activation_qparams(ranges[act], symmetric=symmetric_activations)
+        p = activation_qparams(ranges[act], symmetric=symmetric_activations, min_scale=min_scale)
         np_dtype = np.int8 if p.dtype == TensorProto.INT8 else np.uint8
         if act not in q_out:
             scale = const(f"{act}_scale", np.array(p.scale, dtype=np.float32))
@@ -450,7 +457,9 @@ def insert_qdq(
         )
         if q.weight not in weight_q:
             w = numpy_helper.to_array(inits[q.weight])
-            wq, ws = quantize_weight(w, q.axis, per_channel=per_channel, reduce_range=reduce_range)
+            wq, ws = quantize_weight(
+                w, q.axis, per_channel=per_channel, reduce_range=reduce_range, min_scale=min_scale
+            )
             qname = const(f"{q.weight}_quantized", wq)
             sname = const(f"{q.weight}_scale", ws)
             zname = const(f"{q.weight}_zero_point", np.zeros(ws.shape, dtype=np.int8))
@@ -554,6 +563,7 @@ def quantize_vision_int8(
     method: str = "minmax",
     percentile: float = 99.99,
     reduce_range: bool | None = None,
+    min_scale: float = 0.0,
     cache_dir: str | Path | None = None,
     data_digest: str | None = None,
     batch_tiles: int = 2,
@@ -567,12 +577,13 @@ def quantize_vision_int8(
     `calibration_tiles(...)`. With `data_digest` (from `calibration.data.data_digest`) a cache
     hit does not even consume `tiles`; without it the digest is taken of the tiles themselves.
     Also writes `<dst stem>.ranges.json` with every tensor's range, scale and zero point.
-    `reduce_range=None` means 7-bit weights for the asymmetric (CPU) variant only.
+    `reduce_range=None` means 7-bit weights for the asymmetric (CPU) variant only. `min_scale`:
+    floor of every scale (float16's smallest normal for a graph that will be converted to FP16).
     """
     t0 = time.perf_counter()
     if reduce_range is None:
         reduce_range = not symmetric_activations
-    settings = QuantSettings(symmetric_activations, per_channel, method, percentile, reduce_range)
+    settings = QuantSettings(symmetric_activations, per_channel, method, percentile, reduce_range, min_scale)
     src, dst = Path(fp32_onnx), Path(dst)
     if not src.is_file():
         raise QuantizationError(f"{src}: FP32 ONNX not found")
@@ -639,6 +650,7 @@ def quantize_vision_int8(
         symmetric_activations=symmetric_activations,
         per_channel=per_channel,
         reduce_range=reduce_range,
+        min_scale=min_scale,
     )
     props = {p.key: p.value for p in model.metadata_props}
     props.update(
@@ -690,7 +702,7 @@ def quantize_vision_int8(
 def _write_ranges(path: Path, ranges: dict[str, TensorRange], settings: QuantSettings, src: Path) -> None:
     out = {}
     for name, r in ranges.items():
-        p = activation_qparams(r, symmetric=settings.symmetric_activations)
+        p = activation_qparams(r, symmetric=settings.symmetric_activations, min_scale=settings.min_scale)
         out[name] = {
             "min": r.min,
             "max": r.max,

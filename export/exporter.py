@@ -29,7 +29,10 @@ from eyecare_edge.prompts import REPORT_PROMPT, get_template
 VISION_FORMATS = ("fp32", "fp16", "int8", "int8_u8s8")
 LLM_FORMATS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 UNQUANTIZED_LLM = ("f32", "f16", "bf16")
-DEFAULT_VISION = ("fp32", "int8", "int8_u8s8")
+# fp16: the GPU format (TensorRT FP16 engines, ONNX Runtime CUDA) — a default bundle must run on a
+# GPU workstation's fast path, not silently on its CPU. int8: TensorRT's INT8 input (FP16 base);
+# int8_u8s8: the CPU's fast path. eyecare_edge/perf/build.py keeps the same tuple (tested).
+DEFAULT_VISION = ("fp32", "fp16", "int8", "int8_u8s8")
 DEFAULT_LLM = ("f16", "q8_0", "q4_k_m")
 CALIBRATION_CACHE = Path(tempfile.gettempdir()) / "eyecare-edge-calibration"
 
@@ -205,6 +208,33 @@ class _Ctx:
             self.failed.append(f"{name}: " + "; ".join(figures.get("failed", [])))
 
 
+def tensorrt_int8_onnx(fp32_onnx: Path, dst: Path, tiles, **quantize_kwargs):
+    """`vision_int8.onnx`, TensorRT's INT8 input: the S8S8 Q/DQ graph on an FP16 base.
+
+    A strongly typed TensorRT build of a Q/DQ graph on an FP32 base runs attention, LayerNorm and
+    GELU in FP32; on an FP16 base only the FP16 pass's keep-list (LayerNorm, reductions) is FP32.
+    Every scale is floored at float16's smallest normal (the int8 values computed for it), so
+    none becomes 0 or subnormal in FP16, which TensorRT rejects. Returns the QuantizeResult with
+    `path` = `dst`; the ranges file lands beside `dst` as for any INT8 variant.
+    """
+    from eyecare_edge.calibration.qdq import quantize_vision_int8, ranges_path_for
+    from eyecare_edge.export.onnx_fp16 import FP16_MIN_NORMAL, convert_fp16
+
+    dst = Path(dst)
+    work = Path(tempfile.mkdtemp(prefix="eyecare-qdq-"))
+    try:
+        res = quantize_vision_int8(
+            fp32_onnx, work / dst.name, tiles, symmetric_activations=True, min_scale=FP16_MIN_NORMAL,
+            **quantize_kwargs,
+        )  # fmt: skip
+        convert_fp16(res.path, dst)
+        shutil.copyfile(res.ranges_path, ranges_path_for(dst))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res.path, res.ranges_path = dst, ranges_path_for(dst)
+    return res
+
+
 def _export_vision(ctx: _Ctx, model) -> dict[str, Path]:
     from eyecare_edge.calibration.data import CalibrationReport, calibration_tiles, data_digest
     from eyecare_edge.calibration.qdq import quantize_vision_int8
@@ -221,7 +251,7 @@ def _export_vision(ctx: _Ctx, model) -> dict[str, Path]:
     seconds["fp32"] = time.perf_counter() - t
     if "fp16" in opts.vision:
         t = time.perf_counter()
-        ctx.progress("vision: converting to FP16 (LayerNorm/Softmax kept in FP32)")
+        ctx.progress("vision: converting to FP16 (LayerNorm and reductions kept in FP32)")
         paths["fp16"] = convert_fp16(paths["fp32"], root / "vision_fp16.onnx")
         seconds["fp16"] = time.perf_counter() - t
     int8 = [p for p in ("int8", "int8_u8s8") if p in opts.vision]
@@ -238,18 +268,17 @@ def _export_vision(ctx: _Ctx, model) -> dict[str, Path]:
                         ctx.calib_source, ctx.pre, max_images=opts.calibration_images, report=report
                     )
                 )
-            res = quantize_vision_int8(
-                paths["fp32"],
-                root / f"vision_{precision}.onnx",
-                tiles,
-                symmetric_activations=precision == "int8",
-                cache_dir=CALIBRATION_CACHE,
-                data_digest=digest,
-                threads=opts.threads,
-            )
-            paths[precision] = res.path
+            tensorrt = precision == "int8"
+            dst = root / f"vision_{precision}.onnx"
+            kwargs = {"cache_dir": CALIBRATION_CACHE, "data_digest": digest, "threads": opts.threads}
+            if tensorrt:
+                res = tensorrt_int8_onnx(paths["fp32"], dst, tiles, **kwargs)
+            else:
+                res = quantize_vision_int8(paths["fp32"], dst, tiles, symmetric_activations=False, **kwargs)
+            paths[precision] = dst
             seconds[precision] = time.perf_counter() - t
             extra[precision] = {
+                **({"base": "fp16"} if tensorrt else {}),
                 "calibration": {
                     "source": str(ctx.calib_source),
                     "images": len(report.images),

@@ -2,8 +2,11 @@
 
 TensorRT 11 has no FP16 builder flag: precision is what the ONNX says, built strongly typed. So
 the FP16 variant is a real FP16 graph: weights and activations in float16, except the ops in
-`keep_float32_ops` (LayerNormalization, Softmax, the reductions — their sums and variances over
-1152 channels or 729 tokens lose digits in fp16), which get Cast nodes around them. Graph inputs
+`keep_float32_ops` (LayerNormalization and the reductions — their sums and variances over 1152
+channels lose digits in fp16), which get Cast nodes around them. Softmax runs in FP16: a Softmax
+cast to FP32 stops TensorRT's fused attention, which keeps its own row max/sum in FP32 anyway,
+and ONNX Runtime subtracts the row max first; with the query pre-scaled (`onnx_attention`) the
+tiny model's FP16 graph stays at cosine_min 0.9999999 against FP32 (check: 0.999). Graph inputs
 and outputs stay float32, so the runtime feeds and reads the same arrays for every precision.
 
 Written with `onnx` directly (no onnxconverter-common) because the pass is small and must know
@@ -31,7 +34,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 DEFAULT_KEEP_FLOAT32 = (
     "LayerNormalization",
-    "Softmax",
     "ReduceMean",
     "ReduceSum",
     "ReduceSumSquare",
@@ -43,6 +45,9 @@ QDQ_FP16_OPSET = 19
 # Float inputs that are parameters of the op, not data: never cast (e.g. Resize's scales).
 _FLOAT32_PARAM_INPUTS: dict[str, tuple[int, ...]] = {"Resize": (2,), "Upsample": (1,)}
 _FP16_MAX = float(np.finfo(np.float16).max)
+# Smallest normal float16: a Q/DQ scale below it is subnormal or 0 in FP16, which TensorRT rejects.
+FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)  # 6.1035e-05
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 
 
@@ -101,6 +106,21 @@ def _to_fp16(t: onnx.TensorProto, name: str) -> tuple[onnx.TensorProto, int]:
     return out, clipped
 
 
+def _check_qdq_scales(graph: onnx.GraphProto, src: Path) -> None:
+    """Refuse Q/DQ scales that float16 cannot hold as normal numbers (they would become 0 or
+    subnormal, which TensorRT rejects): quantize with `min_scale=FP16_MIN_NORMAL` instead, so
+    the int8 values are computed for the scale actually stored."""
+    inits = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type in _QDQ_OPS and len(node.input) > 1 and node.input[1] in inits:
+            scale = np.abs(numpy_helper.to_array(inits[node.input[1]]))
+            if scale.size and float(scale.min()) < FP16_MIN_NORMAL:
+                raise Fp16ConversionError(
+                    f"{src}: node {node.name!r} has a Q/DQ scale {float(scale.min()):.3g} below float16's "
+                    f"normal range ({FP16_MIN_NORMAL:.4g}); quantize with min_scale={FP16_MIN_NORMAL:.4g}"
+                )
+
+
 def convert_fp16(
     src: str | Path,
     dst: str | Path,
@@ -125,6 +145,8 @@ def convert_fp16(
                 f"{src}: node {node.name!r} has a subgraph ({node.op_type}); not supported"
             )
     _hoist_constants(g)
+    if not keep & set(_QDQ_OPS):
+        _check_qdq_scales(g, src)
     bumped = _raise_opset_for_fp16_qdq(model, keep)
 
     inits = {t.name: t for t in g.initializer}
@@ -222,9 +244,12 @@ def convert_fp16(
     g.node.extend(nodes)
     del g.value_info[:]
     props = {p.key: p.value for p in model.metadata_props}
+    quantized = props.get("eyecare.precision", "").startswith("int8")
     props.update(
         {
-            "eyecare.precision": "fp16",
+            # a Q/DQ graph stays "int8" (its GEMMs are int8), now on an FP16 base
+            "eyecare.precision": props["eyecare.precision"] if quantized else "fp16",
+            **({"eyecare.base": "fp16"} if quantized else {}),
             "eyecare.fp16_keep_float32": ",".join(sorted(keep)),
             "eyecare.fp16_clipped": str(clipped),
             **({"eyecare.fp16_opset_raised": f"{bumped}->{QDQ_FP16_OPSET}"} if bumped else {}),

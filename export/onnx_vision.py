@@ -12,6 +12,9 @@ out for `MatMul` — the form the FP16 cast pass and the Q/DQ pass of `eyecare_e
 rewrite, and that TensorRT parses without shape plugins. It emits opset 18 natively; asking it for
 17 runs onnx's version converter, which fails on the ReduceMean of the dense connector, so 18 is
 the floor (TensorRT 10.x, JetPack 6 included, parses opset 18).
+
+Attention is rewritten after export so the query is scaled before Q·Kᵀ (`onnx_attention`): the
+form TensorRT fuses into one attention kernel once the FP16 pass leaves Softmax in FP16.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from eyecare_edge.export.onnx_attention import prescale_attention_queries
 from torch import nn
 
 INPUT_NAME = "pixel_values"
@@ -176,7 +180,10 @@ def export_vision_onnx(
     _name_tile_axis(proto)
     _name_nodes(proto)
     _strip_exporter_metadata(proto)
-    onnx.helper.set_model_props(proto, {**_props(proto), **graph_metadata(model)})
+    prescaled = prescale_attention_queries(proto)
+    onnx.helper.set_model_props(
+        proto, {**_props(proto), **graph_metadata(model), "eyecare.attention_prescaled": str(prescaled)}
+    )
     save_onnx(proto, out_path, external_data_threshold=external_data_threshold)
     onnx.checker.check_model(os.fspath(out_path))
     return out_path

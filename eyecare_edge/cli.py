@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "train": "eyecare_edge.commands.train:train",
     "export": "eyecare_edge.commands.export:export",
     "build-engine": "eyecare_edge.commands.build_engine:build_engine",
+    "doctor": "eyecare_edge.commands.doctor:doctor",
     "info": "eyecare_edge.commands.info:info",
     "inspect": "eyecare_edge.commands.inspect:inspect_images",
     "ask": "eyecare_edge.commands.ask:ask",

@@ -78,7 +78,10 @@ class LLMError(Exception):
 class LLMOptions:
     """Settings of the model and its context; the perf work tunes these by measurement.
 
-    n_gpu_layers: layers offloaded to a GPU build of llama.cpp (-1 = all; 0 on CPU builds).
+    n_gpu_layers: layers offloaded to a GPU build of llama.cpp; None (default) = every layer when
+    `llama_supports_gpu_offload()` (a CUDA/Metal/Vulkan build), else 0; -1 = all; 0 = CPU only.
+    flash_attn: None (default) = auto: llama.cpp's own per-device choice when layers are offloaded,
+    off on the CPU (measured there: no gain, see perf.run.PROPOSED); True/False force it.
     n_threads / n_threads_batch: None means the number of physical cores this process may use
     (SMT siblings share the FMA units that decode and prefill saturate). kv_type: element type
     of the K and V caches; "q8_0" needs flash attention (llama.cpp quantizes V only inside its
@@ -93,9 +96,9 @@ class LLMOptions:
     n_ubatch: int = 512
     n_threads: int | None = None
     n_threads_batch: int | None = None
-    n_gpu_layers: int = 0
+    n_gpu_layers: int | None = None
     kv_type: str = "f16"
-    flash_attn: bool = False
+    flash_attn: bool | None = None
     use_mmap: bool = True
     repack: bool = False
     seed: int = 0
@@ -104,7 +107,8 @@ class LLMOptions:
     def validate(self) -> None:
         if self.kv_type not in KV_TYPES:
             raise LLMError(f"kv_type {self.kv_type!r} is not one of {', '.join(KV_TYPES)}")
-        if self.kv_type == "q8_0" and not self.flash_attn:
+        fa = resolve_flash_attn(self.flash_attn, resolve_gpu_layers(self.n_gpu_layers))
+        if self.kv_type == "q8_0" and fa == "disabled":  # auto on the CPU is disabled too
             raise LLMError(
                 "kv_type 'q8_0' needs flash_attn=True (llama.cpp quantizes V only with flash attention)"
             )
@@ -173,6 +177,44 @@ def _set_log_level(verbose: bool) -> None:
     # llama-cpp-python routes llama.cpp's log through this logger (process-wide, like
     # `llama_cpp.Llama(verbose=...)` does); quiet means errors only.
     logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
+def gpu_offload_supported() -> bool:
+    """True when this llama.cpp build can offload layers to a GPU (CUDA, Metal, Vulkan...)."""
+    return _lib is not None and bool(_lib.llama_supports_gpu_offload())
+
+
+def resolve_gpu_layers(n_gpu_layers: int | None) -> int:
+    """The n_gpu_layers llama.cpp gets: None -> all layers (-1) when the build can offload, else 0."""
+    if n_gpu_layers is None:
+        return -1 if gpu_offload_supported() else 0
+    return n_gpu_layers
+
+
+def resolve_flash_attn(flash_attn: bool | None, n_gpu_layers: int) -> str:
+    """"enabled", "disabled" or "auto" (llama.cpp decides per device): None means auto when layers
+    go to a GPU and disabled on the CPU."""
+    if flash_attn is not None:
+        return "enabled" if flash_attn else "disabled"
+    return "auto" if n_gpu_layers != 0 and gpu_offload_supported() else "disabled"
+
+
+def binding_version() -> str:
+    import llama_cpp
+
+    return str(getattr(llama_cpp, "__version__", "unknown"))
+
+
+def check_binding_version() -> None:
+    """LLMError when llama-cpp-python is older than the floor whose API this module calls."""
+    from eyecare_edge.versions import LLAMA_CPP_PYTHON_MIN, LLAMA_CPP_UPGRADE, at_least
+
+    version = binding_version()
+    if not at_least(version, LLAMA_CPP_PYTHON_MIN) or not hasattr(_lib, "LLAMA_LOAD_MODE_MMAP"):
+        raise LLMError(
+            f"llama-cpp-python {version} is too old: eyecare-edge needs >= {LLAMA_CPP_PYTHON_MIN} "
+            f"(llama_model_params.load_mode); {LLAMA_CPP_UPGRADE}"
+        )
 
 
 def _check_gguf_file(path: Path) -> None:
@@ -349,22 +391,34 @@ class LlamaCppLM:
         self.path = Path(gguf_path)
         self.options = options or LLMOptions()
         self.options.validate()
+        check_binding_version()
         _check_gguf_file(self.path)
         _set_log_level(self.options.verbose)
         _backend_init()
 
         opts = self.options
         mparams = _lib.llama_model_default_params()
-        mparams.n_gpu_layers = opts.n_gpu_layers
+        self.gpu_layers = resolve_gpu_layers(opts.n_gpu_layers)
+        self.flash_attn = resolve_flash_attn(opts.flash_attn, self.gpu_layers)
+        mparams.n_gpu_layers = self.gpu_layers
         mparams.load_mode = _lib.LLAMA_LOAD_MODE_MMAP if opts.use_mmap else _lib.LLAMA_LOAD_MODE_NONE
         mparams.use_extra_bufts = opts.repack
+        self.fallback: str | None = None  # why the LLM runs on the CPU although offload was automatic
         self._model = _lib.llama_model_load_from_file(str(self.path).encode("utf-8"), mparams)
+        if not self._model and self.gpu_layers != 0 and opts.n_gpu_layers is None:
+            # Automatic offload failed (GPU out of memory, driver mismatch): say so, run on the CPU.
+            self.fallback = "loading with every layer on the GPU failed (out of GPU memory?)"
+            logging.getLogger(__name__).warning("%s: %s; loading on the CPU", self.path, self.fallback)
+            self.gpu_layers = mparams.n_gpu_layers = 0
+            self.flash_attn = resolve_flash_attn(opts.flash_attn, 0)
+            self._model = _lib.llama_model_load_from_file(str(self.path).encode("utf-8"), mparams)
         if not self._model:
             self._model = None
             raise LLMError(f"{self.path}: llama.cpp could not load this GGUF (unsupported or corrupt model)")
         self._vocab = _lib.llama_model_get_vocab(self._model)
         self._n_vocab = int(_lib.llama_vocab_n_tokens(self._vocab))
         self._n_embd = int(_lib.llama_model_n_embd_inp(self._model))
+        self._n_layer = int(_lib.llama_model_n_layer(self._model))
 
         threads = opts.n_threads or physical_cores()
         threads_batch = opts.n_threads_batch or threads
@@ -375,9 +429,11 @@ class LlamaCppLM:
         cparams.n_seq_max = 1
         cparams.n_threads = threads
         cparams.n_threads_batch = threads_batch
-        cparams.flash_attn_type = (
-            _lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if opts.flash_attn else _lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
+        cparams.flash_attn_type = {
+            "enabled": _lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "disabled": _lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            "auto": _lib.LLAMA_FLASH_ATTN_TYPE_AUTO,
+        }[self.flash_attn]
         cparams.type_k = cparams.type_v = KV_TYPES[opts.kv_type]
         cparams.embeddings = False
         cparams.no_perf = True
@@ -386,7 +442,8 @@ class LlamaCppLM:
             self.close()
             raise LLMError(
                 f"{self.path}: llama.cpp could not create a context "
-                f"(n_ctx={opts.n_ctx}, n_batch={opts.n_batch}, kv_type={opts.kv_type}, flash_attn={opts.flash_attn})"
+                f"(n_ctx={opts.n_ctx}, n_batch={opts.n_batch}, kv_type={opts.kv_type}, flash_attn={self.flash_attn}, "
+                f"n_gpu_layers={self.gpu_layers})"
             )
         self._ctx = ctx
         self._memory = _lib.llama_get_memory(ctx)
@@ -466,6 +523,24 @@ class LlamaCppLM:
     def n_embd(self) -> int:
         """Width of an input embedding row."""
         return self._n_embd
+
+    @property
+    def offloaded_layers(self) -> int:
+        """Repeating layers llama.cpp put on a GPU (0 on a CPU-only build or with n_gpu_layers=0)."""
+        if not gpu_offload_supported() or self.gpu_layers == 0:
+            return 0
+        return self._n_layer if self.gpu_layers < 0 else min(self.gpu_layers, self._n_layer)
+
+    def describe_device(self) -> str:
+        """Where the LLM runs, e.g. "GPU (all 32 layers offloaded, flash attention auto)" or
+        "CPU (this llama.cpp build has no GPU offload)"."""
+        n = self.offloaded_layers
+        fa = f"flash attention {self.flash_attn}"
+        if n:
+            share = f"all {n}" if n == self._n_layer else f"{n}/{self._n_layer}"
+            return f"GPU ({share} layers offloaded, {fa})"
+        why = "n_gpu_layers=0" if gpu_offload_supported() else "this llama.cpp build has no GPU offload"
+        return f"CPU ({self.fallback or why}, {fa})"
 
     @property
     def n_vocab(self) -> int:

@@ -105,8 +105,10 @@ class PipelineOptions:
     n_ctx: context positions; None = the largest image plan + 1024, capped at the model's trained
         context (and at 4096 for Phi-3.5, see ANCHORS.md).
     n_threads / vision_threads: CPU threads of llama.cpp and of the vision backend (None: the
-        physical cores). n_gpu_layers: LLM layers offloaded to a GPU build of llama.cpp (-1 all).
-    kv_type, flash_attn, n_batch, repack: llama.cpp settings (see `LLMOptions`).
+        physical cores). n_gpu_layers: LLM layers offloaded to a GPU build of llama.cpp (None: all
+        when the build can offload, else 0; -1 all; 0 CPU only).
+    kv_type, flash_attn, n_batch, repack: llama.cpp settings (see `LLMOptions`; flash_attn None =
+        auto: llama.cpp's choice on a GPU, off on the CPU).
     fundus_crop: crop colour fundus photos to their circular field of view before tiling.
     max_tiles: token budget: at most this many patch tiles per image (None: the bundle's).
     max_pixels: decoding limit (width x height x frames, checked on the header).
@@ -121,9 +123,9 @@ class PipelineOptions:
     n_ctx: int | None = None
     n_threads: int | None = None
     vision_threads: int | None = None
-    n_gpu_layers: int = 0
+    n_gpu_layers: int | None = None
     kv_type: str = "f16"
-    flash_attn: bool = False
+    flash_attn: bool | None = None
     n_batch: int = 512
     repack: bool = False
     fundus_crop: bool = False
@@ -408,10 +410,11 @@ class Pipeline:
         self.close()
 
     def describe(self) -> str:
-        """One line on what runs: vision backend and precision, GGUF precision, context size."""
+        """One line on what runs where: vision backend, precision and device (with why faster ones
+        were skipped), GGUF precision, the LLM's device and offloaded layers, context size."""
         return (
             f"{self.vision.describe()}; llm: llama.cpp {self.llm_entry.precision} "
-            f"({self.llm_entry.path}), n_ctx {self.lm.n_ctx}"
+            f"({self.llm_entry.path}) on {self.lm.describe_device()}, n_ctx {self.lm.n_ctx}"
         )
 
     # ------------------------------------------------------------------ images

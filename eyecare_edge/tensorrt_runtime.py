@@ -32,6 +32,8 @@ import numpy as np
 
 from eyecare_edge.bundle import FileEntry, Manifest
 from eyecare_edge.preprocess import PreprocessConfig, plan_image
+from eyecare_edge.versions import TENSORRT_MIN, at_least
+from eyecare_edge.vision import VisionError
 
 INSTALL_HINT = (
     "TensorRT is not installed. Install it for your CUDA version, e.g. "
@@ -46,8 +48,11 @@ ONNX_FOR_PRECISION = {"fp16": "vision_fp16.onnx", "int8": "vision_int8.onnx"}
 TYPICAL_IMAGE_SIZE = (2336, 3504)
 
 
-class TensorRTError(RuntimeError):
-    """TensorRT cannot be used here, or an engine cannot be found, built or run (message says why)."""
+class TensorRTError(VisionError, RuntimeError):
+    """TensorRT cannot be used here, or an engine cannot be found, built or run (message says why).
+
+    A `VisionError`, so the pipeline falls back from it (backend auto) and the CLI prints it as
+    an error line; still a RuntimeError for callers that caught it as one."""
 
 
 class EngineBuildError(TensorRTError):
@@ -69,7 +74,14 @@ def tensorrt_available() -> tuple[bool, str]:
         return False, f"{INSTALL_HINT} ({e})"
     except Exception as e:  # a broken install (missing libnvinfer) raises OSError & co.
         return False, f"TensorRT is installed but does not load: {e}. {INSTALL_HINT}"
-    return True, str(trt.__version__)
+    version = str(getattr(trt, "__version__", "unknown"))
+    if not at_least(version, TENSORRT_MIN):
+        return False, (
+            f"TensorRT {version} is too old: eyecare-edge needs TensorRT >= {TENSORRT_MIN} "
+            "(tensor-name I/O, strongly typed networks). On a workstation: pip install -U 'tensorrt>=10'; "
+            "on Jetson: JetPack 6.x (TensorRT 10.x)"
+        )
+    return True, version
 
 
 def trt_version() -> str:
@@ -124,6 +136,40 @@ class _CudaDriver:
         self.call("cuDeviceGetName", buf, ctypes.c_int(256), self.device(ordinal))
         return buf.value.decode(errors="replace")
 
+    def count(self) -> int:
+        n = ctypes.c_int()
+        self.call("cuDeviceGetCount", ctypes.byref(n))
+        return int(n.value)
+
+    def driver_version(self) -> str:
+        """"12.4" from cuDriverGetVersion (the CUDA version the driver supports)."""
+        v = ctypes.c_int()
+        self.call("cuDriverGetVersion", ctypes.byref(v))
+        return f"{v.value // 1000}.{(v.value % 1000) // 10}"
+
+
+class _DeviceContext:
+    """GPU `ordinal`'s primary context made current on this thread for the `with` body.
+
+    TensorRT's builder and runtime work on the calling thread's current CUDA context; without
+    this they take GPU 0 whatever device the caller asked for (and the engine would be labelled
+    with GPU N's compute capability while built for GPU 0)."""
+
+    def __init__(self, drv: _CudaDriver, ordinal: int) -> None:
+        self.drv, self.dev, self.ctx = drv, drv.device(ordinal), ctypes.c_void_p()
+
+    def __enter__(self) -> _DeviceContext:
+        self.drv.call("cuDevicePrimaryCtxRetain", ctypes.byref(self.ctx), self.dev)
+        try:
+            self.drv.call("cuCtxSetCurrent", self.ctx)
+        except CudaError:
+            self.drv.call("cuDevicePrimaryCtxRelease_v2", self.dev)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.drv.call("cuDevicePrimaryCtxRelease_v2", self.dev)
+
 
 @dataclass(frozen=True)
 class GpuInfo:
@@ -134,6 +180,9 @@ class GpuInfo:
 def gpu_info(ordinal: int = 0) -> GpuInfo:
     """Name and compute capability of GPU `ordinal`, from the CUDA driver (no toolkit needed)."""
     drv = _CudaDriver()
+    n = drv.count()
+    if not 0 <= ordinal < n:
+        raise CudaError(f"no GPU {ordinal}: the CUDA driver sees {n} GPU(s)")
     return GpuInfo(drv.name(ordinal), drv.compute_capability(ordinal))
 
 
@@ -320,9 +369,41 @@ def build_engine(
     if not onnx_path.is_file():
         raise EngineBuildError(f"{onnx_path}: ONNX not found")
     gpu = gpu_info(device)
+    with _DeviceContext(_CudaDriver(), device):
+        return _build_on_current_device(
+            trt, onnx_path, engine_path, gpu, max_tiles=max_tiles, opt_tiles=opt_tiles,
+            workspace_gb=workspace_gb, timing_cache_path=timing_cache_path, min_tiles=min_tiles,
+            precision=precision, verbose=verbose,
+        )  # fmt: skip
+
+
+def _build_on_current_device(
+    trt: Any,
+    onnx_path: Path,
+    engine_path: Path,
+    gpu: GpuInfo,
+    *,
+    max_tiles: int,
+    opt_tiles: int,
+    workspace_gb: float,
+    timing_cache_path: str | Path | None,
+    min_tiles: int,
+    precision: str | None,
+    verbose: bool,
+) -> EngineInfo:
     version = str(trt.__version__)
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
-    builder = trt.Builder(logger)
+    try:
+        builder = trt.Builder(logger)
+    except TypeError as e:  # pybind: "factory function returned nullptr" (no CUDA / no memory)
+        builder, why = None, str(e)
+    else:
+        why = "returned null"
+    if builder is None:
+        raise EngineBuildError(
+            f"TensorRT {version} could not create a builder on {gpu.name} ({why}): "
+            "the GPU is out of memory, or the CUDA driver does not match this TensorRT"
+        )
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(os.fspath(onnx_path)):
@@ -349,7 +430,10 @@ def build_engine(
         config.set_timing_cache(cache, ignore_mismatch=False)
 
     t0 = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
+    try:
+        plan = builder.build_serialized_network(network, config)
+    except (MemoryError, RuntimeError) as e:  # allocation failures surface as either
+        raise EngineBuildError(f"{onnx_path}: TensorRT {version} failed building on {gpu.name}: {e}") from e
     seconds = time.perf_counter() - t0
     if plan is None:
         raise EngineBuildError(
@@ -456,7 +540,11 @@ class EngineRunner:
         # another thread than the one that created the runner).
         self._drv.call("cuCtxSetCurrent", self._ctx)
         x = np.ascontiguousarray(tiles, dtype=trt.nptype(self.engine.get_tensor_dtype(self.input)))
-        self.context.set_input_shape(self.input, tuple(x.shape))
+        if not self.context.set_input_shape(self.input, tuple(x.shape)):
+            raise TensorRTError(
+                f"TensorRT refused input shape {tuple(x.shape)} for {self.input!r}: outside the "
+                f"engine's optimisation profile {tuple(self.engine.get_tensor_profile_shape(self.input, 0))}"
+            )
         out_shape = tuple(self.context.get_tensor_shape(self.output))
         out = np.empty(out_shape, dtype=trt.nptype(self.engine.get_tensor_dtype(self.output)))
         d_in = self._buffer(self.input, x.nbytes)
@@ -746,21 +834,23 @@ def ensure_engine(
                 f"(sm {gpu.compute_capability}), TensorRT {version}, tiles 1/{opt_tiles}/{max_tiles}; "
                 "this happens once per GPU and TensorRT version"
             )
-        info = build_engine(
-            onnx_path,
-            root / engine_rel,
-            max_tiles=max_tiles,
-            opt_tiles=opt_tiles,
-            workspace_gb=workspace_gb,
-            timing_cache_path=root / cache_rel,
-            precision=precision,
-            device=device,
-        )
+        with _as_tensorrt_error(f"building the {precision} engine on {gpu.name}"):
+            info = build_engine(
+                onnx_path,
+                root / engine_rel,
+                max_tiles=max_tiles,
+                opt_tiles=opt_tiles,
+                workspace_gb=workspace_gb,
+                timing_cache_path=root / cache_rel,
+                precision=precision,
+                device=device,
+            )
         validation = None
         if validate:
-            validation = validate_engine(
-                root, current, info.path, precision, opt_tiles=opt_tiles, device=device
-            )
+            with _as_tensorrt_error(f"checking the new {precision} engine", cleanup=root / engine_rel):
+                validation = validate_engine(
+                    root, current, info.path, precision, opt_tiles=opt_tiles, device=device
+                )
             validation.update(
                 {"trt_version": info.trt_version, "compute_capability": info.compute_capability}
             )
@@ -796,6 +886,34 @@ def ensure_engine(
     return EngineResolution(entry, current, "built", gpu, version, info, validation)
 
 
+class _as_tensorrt_error:
+    """Turn anything but a TensorRTError raised in the body into one naming `step` and the
+    cause: a missing onnxruntime in the check, TensorRT's own RuntimeError/TypeError, CUDA out of
+    memory. `cleanup`: a half-made file removed on failure. KeyboardInterrupt passes through."""
+
+    def __init__(self, step: str, cleanup: Path | None = None) -> None:
+        self.step, self.cleanup = step, cleanup
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> bool:
+        if exc is None or not isinstance(exc, Exception):
+            return False
+        if self.cleanup is not None:
+            self.cleanup.unlink(missing_ok=True)
+        if isinstance(exc, TensorRTError):
+            return False
+        if isinstance(exc, ImportError):
+            fix = (
+                "; the engine check compares against the FP32 ONNX with it: pip install 'eyecare-edge[cpu]'"
+                if exc.name == "onnxruntime"
+                else ""
+            )
+            raise TensorRTError(f"{self.step}: {exc.name or 'a module'} is not installed ({exc}){fix}") from exc
+        raise EngineBuildError(f"{self.step}: {type(exc).__name__}: {exc}") from exc
+
+
 class TensorRTVision:
     """The vision encoder on a TensorRT engine (the `VisionEncoder` interface of `vision`).
 
@@ -817,7 +935,7 @@ class TensorRTVision:
     def encode(self, tiles: np.ndarray) -> np.ndarray:
         if tiles.ndim != 4 or tiles.shape[1] != 3 or tiles.shape[0] < 1:
             raise TensorRTError(f"tiles must be [T>=1, 3, S, S], got {tiles.shape}")
-        with self._lock:
+        with self._lock, _as_tensorrt_error(f"running the {self.precision} engine"):
             parts = [
                 self.runner(tiles[i : i + self.max_tiles]) for i in range(0, tiles.shape[0], self.max_tiles)
             ]

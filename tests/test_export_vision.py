@@ -125,11 +125,15 @@ def test_fp16_keeps_sensitive_ops_in_float32(exported):
     by_op: dict[str, list] = {}
     for node in m.graph.node:
         by_op.setdefault(node.op_type, []).append(node)
-    for op in ("LayerNormalization", "Softmax"):
-        assert by_op[op], op
-        for node in by_op[op]:
-            assert all(types[x] == f32 for x in node.input if x), (op, node.name)
-            assert all(types[y] == f32 for y in node.output), (op, node.name)
+    for node in by_op["LayerNormalization"]:
+        assert all(types[x] == f32 for x in node.input if x), node.name
+        assert all(types[y] == f32 for y in node.output), node.name
+    # Softmax in FP16, fed straight by the score MatMul (query pre-scaled): TensorRT's fused attention.
+    producer = {o: n for n in m.graph.node for o in n.output}
+    assert by_op["Softmax"]
+    for node in by_op["Softmax"]:
+        assert types[node.input[0]] == f16 and types[node.output[0]] == f16, node.name
+        assert producer[node.input[0]].op_type == "MatMul", node.name
     # Every MatMul (weight GEMMs and attention) computes in float16 with float16 weights.
     for node in by_op["MatMul"]:
         assert all(types[x] == f16 for x in node.input), node.name
@@ -197,11 +201,12 @@ def test_validate_vision_passes_and_names_failing_checks(tiny_model, exported):
 
 def test_fp16_pass_on_a_qdq_graph_gives_int8_gemms_with_fp16_elsewhere(exported, tmp_path):
     """The TensorRT INT8 input: the S8S8 Q/DQ graph cast to FP16 (opset raised to 19)."""
-    from eyecare_edge.calibration.qdq import quantize_vision_int8
+
+    from eyecare_edge.export.exporter import tensorrt_int8_onnx
+    from eyecare_edge.export.onnx_fp16 import FP16_MIN_NORMAL
 
     calib = [_tiles(6, seed=11)]
-    qdq = quantize_vision_int8(exported["fp32"], tmp_path / "qdq.onnx", calib)
-    mixed = convert_fp16(qdq.path, tmp_path / "vision_int8.onnx")
+    mixed = tensorrt_int8_onnx(exported["fp32"], tmp_path / "vision_int8.onnx", calib).path
     m = onnx.load(str(mixed))
     assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) == 19
     types = _elem_types(mixed)
@@ -210,12 +215,17 @@ def test_fp16_pass_on_a_qdq_graph_gives_int8_gemms_with_fp16_elsewhere(exported,
     for node in m.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             assert types[node.input[1]] == f16, node.name  # scale
+            assert onnx.numpy_helper.to_array(inits[node.input[1]]).min() >= FP16_MIN_NORMAL, node.name
             zp = onnx.numpy_helper.to_array(inits[node.input[2]])
             assert zp.dtype == np.int8 and not zp.any()
         if node.op_type == "QuantizeLinear":
             assert types[node.input[0]] == f16
-        if node.op_type in ("LayerNormalization", "Softmax"):
+        if node.op_type == "LayerNormalization":
             assert types[node.input[0]] == onnx.TensorProto.FLOAT
+        if node.op_type == "Softmax":
+            assert types[node.input[0]] == f16
+    props = {p.key: p.value for p in m.metadata_props}
+    assert props["eyecare.precision"] == "int8" and props["eyecare.base"] == "fp16"
     tiles = _tiles(2, seed=12)
     fig = compare_embeddings(_run(exported["fp32"], tiles), _run(mixed, tiles))
     assert fig["cosine_mean"] >= 0.99

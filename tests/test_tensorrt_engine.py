@@ -225,7 +225,7 @@ def tiny_bundle(tmp_path_factory):
     if GPU_SKIP is not None:
         pytest.skip(GPU_SKIP)
     import torch
-    from eyecare_edge.calibration.qdq import quantize_vision_int8
+    from eyecare_edge.export.exporter import tensorrt_int8_onnx
     from eyecare_edge.export.onnx_fp16 import convert_fp16
     from eyecare_edge.export.onnx_vision import export_vision_onnx
     from eyecare_edge.training.modeling import EyecareGPTForConditionalGeneration
@@ -240,9 +240,8 @@ def tiny_bundle(tmp_path_factory):
     fp32 = export_vision_onnx(model, d / "vision_fp32.onnx")
     convert_fp16(fp32, d / "vision_fp16.onnx")
     calib = [te.check_tiles(112, 8, seed=3)]
-    # TensorRT's INT8 input: S8S8 Q/DQ on the weight GEMMs, FP16 elsewhere.
-    qdq = quantize_vision_int8(fp32, tmp_path_factory.mktemp("qdq") / "vision_int8.onnx", calib)
-    convert_fp16(qdq.path, d / "vision_int8.onnx")
+    # TensorRT's INT8 input exactly as export ships it: S8S8 Q/DQ on the weight GEMMs, FP16 elsewhere.
+    tensorrt_int8_onnx(fp32, d / "vision_int8.onnx", calib)
     m = Manifest(
         model={"preset": "tiny"},
         preprocess=cfg.preprocess_config().to_dict(),

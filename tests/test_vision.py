@@ -60,9 +60,15 @@ def test_auto_takes_the_fastest_cpu_variant_and_says_why(assets, manifest, tiles
     choice = open_vision(assets.bundle, manifest, threads=1)
     if not _has_cuda_ort() and not trt_rt.tensorrt_available()[0]:
         assert choice.encoder.name == "onnxruntime-cpu" and choice.encoder.precision == "int8_u8s8"
-        assert [s.split(":")[0] for s in choice.skipped] == ["tensorrt", "ort-cuda"]
+        assert [s.split(":")[0] for s in choice.skipped] == [
+            "tensorrt fp16",
+            "tensorrt int8",
+            "ort-cuda fp16",
+            "ort-cuda fp32",
+        ]
         line = choice.describe()
         assert "\n" not in line and "TensorRT is not installed" in line and "ort-cuda" in line
+        assert "on CPU" in line and choice.where == "CPU"
     out = choice.encoder.encode(tiles)
     assert out.shape == (tiles.shape[0], manifest.model["tokens_per_tile"], manifest.model["n_embd"])
     assert out.dtype == np.float32 and choice.encoder.width == manifest.model["n_embd"]
@@ -79,9 +85,10 @@ def test_every_cpu_precision_agrees_with_fp32(assets, manifest, tiles):
 
 
 def test_cpu_order_skips_variants_that_failed_validation(manifest):
-    assert cpu_precision_order(manifest) == ["int8_u8s8", "int8", "fp32"]
+    # the int8 file is TensorRT's (FP16 base): never the CPU's automatic choice
+    assert cpu_precision_order(manifest) == ["int8_u8s8", "fp32"]
     failed = dataclasses.replace(manifest, validation={"vision_int8_u8s8": {"passed": False}})
-    assert cpu_precision_order(failed) == ["int8", "fp32"]
+    assert cpu_precision_order(failed) == ["fp32"]
 
 
 def test_bad_requests_name_the_problem(assets, manifest):

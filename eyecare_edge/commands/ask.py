@@ -56,14 +56,24 @@ _RUNTIME_OPTIONS: list[Callable[[Any], Any]] = [
         "--gpu-layers",
         "n_gpu_layers",
         type=int,
+        default=None,
+        help="LLM layers on the GPU (-1 all, 0 none) [all when llama.cpp is a GPU build].",
+    ),
+    click.option(
+        "--device",
+        type=click.IntRange(min=0),
         default=0,
         show_default=True,
-        help="LLM layers on the GPU (-1 all).",
+        help="GPU ordinal for TensorRT / ONNX Runtime CUDA.",
     ),
     click.option(
         "--kv-type", type=click.Choice(["f16", "f32", "q8_0", "bf16"]), default="f16", show_default=True
     ),
-    click.option("--flash-attn/--no-flash-attn", default=False, show_default=True),
+    click.option(
+        "--flash-attn/--no-flash-attn",
+        default=None,
+        help="Flash attention [auto: llama.cpp's choice on a GPU, off on the CPU].",
+    ),
     click.option(
         "--crop-fov", "fundus_crop", is_flag=True, help="Crop fundus photos to their circular field of view."
     ),
@@ -108,6 +118,7 @@ def pipeline_options(values: dict[str, Any]):
         vision_threads=v.pop("vision_threads"),
         n_ctx=v.pop("n_ctx"),
         n_gpu_layers=v.pop("n_gpu_layers"),
+        device=v.pop("device"),
         kv_type=v.pop("kv_type"),
         flash_attn=v.pop("flash_attn"),
         fundus_crop=v.pop("fundus_crop"),
@@ -147,6 +158,12 @@ def pipeline_options(values: dict[str, Any]):
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object (answer, timings) instead of streaming."
 )
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Say where each half runs: every skipped vision backend with its full reason, LLM offload.",
+)
 def ask(
     bundle: Path,
     images: tuple[Path, ...],
@@ -157,6 +174,7 @@ def ask(
     top_p: float,
     seed: int | None,
     as_json: bool,
+    verbose: bool,
     **runtime: object,
 ) -> None:
     """Ask QUESTION about IMAGE(s) with BUNDLE; the answer streams to stdout, timings to stderr.
@@ -183,7 +201,10 @@ def ask(
     except (BundleError, VisionError, LLMError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
-    if not as_json:
+    if verbose:
+        for line in placement(pipe):
+            click.echo(line, err=True)
+    elif not as_json:
         click.echo(pipe.describe(), err=True)
 
     def stream(piece: str) -> None:
@@ -210,6 +231,8 @@ def ask(
             **{k: v for k, v in answer.to_dict().items() if k != "text"},
             "tokens_per_s": round(answer.tokens_per_s, 2),
             "vision": f"{pipe.vision.encoder.name} {pipe.vision.encoder.precision}",
+            "vision_device": pipe.vision.where,
+            "llm_device": pipe.lm.describe_device(),
             "llm": pipe.llm_entry.precision,
             "bundle_digest": pipe.digest,
         }
@@ -226,3 +249,13 @@ def ask(
         f"({answer.tokens_per_s:.1f} tok/s); first token {t['first_token_ms']:.0f} ms, total {t['total_ms']:.0f} ms]",
         err=True,
     )
+
+
+def placement(pipe) -> list[str]:
+    """`ask --verbose`: where each half runs, and every vision backend skipped with its full reason."""
+    choice = pipe.vision
+    lines = [f"vision: {choice.encoder.name} {choice.encoder.precision} on {choice.where}"]
+    lines += [f"  skipped {reason}" for reason in choice.skipped]
+    lines.append(f"llm: llama.cpp {pipe.llm_entry.precision} ({pipe.llm_entry.path}) on {pipe.lm.describe_device()}")
+    lines.append(f"  n_ctx {pipe.lm.n_ctx}, n_batch {pipe.lm.n_batch}")
+    return lines

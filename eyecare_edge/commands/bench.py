@@ -84,6 +84,7 @@ def bench(bundle, data, out_dir, variants, reference, limit, tasks, images_root,
             )
         except Exception as e:
             raise click.ClickException(f"cannot load {v.name}: {e}") from e
+        click.echo(f"  {pipe.describe()}", err=True)  # where each half runs
         with pipe:
             all_results += _run(
                 v.name,

@@ -24,7 +24,7 @@ def _csv(value: str) -> tuple[str, ...]:
 )
 @click.option(
     "--vision",
-    default="fp32,int8,int8_u8s8",
+    default="fp32,fp16,int8,int8_u8s8",
     show_default=True,
     help="Vision ONNX variants: fp32, fp16, int8 (symmetric Q/DQ, for TensorRT), int8_u8s8 (ONNX Runtime CPU).",
 )

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from eyecare_edge import __version__
 
-DEFAULT_VISION = ("fp32", "int8", "int8_u8s8")
+# The export default (export/exporter.py DEFAULT_VISION; a test keeps them equal).
+DEFAULT_VISION = ("fp32", "fp16", "int8", "int8_u8s8")
 GPU_VISION = ("fp16",)
 DEFAULT_LLM = ("f16", "bf16", "q8_0", "q4_k_m")
 STAMP = "build.json"

@@ -504,6 +504,10 @@ def build_report(raw: dict) -> dict:
     config["backends"] = {
         "vision_default": f"{p.get('vision_backend')} {p.get('vision_precision')}" if _ok(p) else None,
         "llm_default": p.get("llm_precision") if _ok(p) else None,
+        # where each half ran (GPU n / CPU; llama.cpp's offload), and why faster vision backends were skipped
+        "vision_device": p.get("vision_device") if _ok(p) else None,
+        "vision_skipped": p.get("vision_skipped") if _ok(p) else None,
+        "llm_device": p.get("llm_device") if _ok(p) else None,
         "llm_settings": {
             k: (p.get("options") or {}).get(k)
             for k in ("n_batch", "repack", "flash_attn", "kv_type", "n_threads")
@@ -609,6 +613,10 @@ def render_table(report: dict) -> str:
         "",
         f"Vision encode, one {c.get('tile_size', 384)}^2 tile",
     ]
+    bk = c.get("backends") or {}
+    if bk.get("vision_default"):  # where the runtime's default pipeline ran each half
+        where = f"runtime default: vision {bk['vision_default']} on {bk.get('vision_device') or '?'}; "
+        lines.insert(4, where + f"llm {bk.get('llm_default')} on {bk.get('llm_device') or '?'}")
     rows = []
     for r in report["vision"]:
         if r.get("ms_per_tile"):

@@ -305,6 +305,9 @@ def measure_pipeline(
         out = {
             "describe": pipe.describe(),
             "vision_backend": pipe.vision.encoder.name,
+            "vision_device": pipe.vision.where,
+            "vision_skipped": list(pipe.vision.skipped),
+            "llm_device": pipe.lm.describe_device(),
             "vision_precision": pipe.vision.encoder.precision,
             "llm_precision": pipe.llm_entry.precision,
             "n_ctx": pipe.lm.n_ctx,

@@ -52,6 +52,7 @@ SCHEMA = {
 }
 PIPE_OPTIONS = {"llm": "f32", "vision_precision": "fp32", **FAST}
 SERVER_START_S = 90
+BODY_TIMEOUT_S = 3
 
 
 def _free_port() -> int:
@@ -163,7 +164,7 @@ def server(assets, media_dir, tmp_path_factory):
         assets.bundle,
         log,
         "--workers", "2", "--queue", "3", "--api-key", KEY, "--allowed-media-dir", str(media_dir),
-        "--max-body-mb", "1", "--model-id", MODEL, "--llm", "f32", "--vision-precision", "fp32",
+        "--max-body-mb", "1", "--body-timeout", str(BODY_TIMEOUT_S), "--model-id", MODEL, "--llm", "f32", "--vision-precision", "fp32",
         "--threads", "1", "--vision-threads", "1", "--log-level", "warning",
     )  # fmt: skip
     yield srv
@@ -604,3 +605,117 @@ def test_a_client_leaving_mid_stream_frees_its_worker(server, media_dir):
     freed_s = time.monotonic() - t
     assert running() == 0 and freed_s < full_s / 3, (freed_s, full_s)
     assert server.health() == 200
+
+
+def test_a_slow_body_gets_408_and_the_server_keeps_serving(server):
+    """A client that declares a body and trickles it (one byte every 0.4 s, so no single gap is
+    long) is answered 408 once --body-timeout has passed since the request began; before the
+    fix the connection stayed open for as long as the client liked (seen: > 20 s)."""
+    port = int(server.base.rsplit(":", 1)[1])
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {KEY}\r\nContent-Length: 1000\r\n\r\n{{"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=BODY_TIMEOUT_S * 4) as sock:
+        sock.sendall(head.encode())
+        t = time.monotonic()
+        reply = b""
+        sock.settimeout(0.4)
+        sending = True
+        while b"\r\n\r\n" not in reply and time.monotonic() - t < BODY_TIMEOUT_S * 4:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                if sending:
+                    try:
+                        sock.sendall(b" ")
+                    except OSError:
+                        sending = False
+                continue
+            if not chunk:
+                break
+            reply += chunk
+        waited = time.monotonic() - t
+        sock.settimeout(5)
+        while not reply.endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert BODY_TIMEOUT_S * 0.8 < waited < BODY_TIMEOUT_S * 3, waited
+    error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+    assert "--body-timeout" in error["message"] and error["type"] == "timeout", error
+    assert server.health() == 200
+    metrics = _get(server.base + "/metrics", KEY)[1].decode()
+    assert 'eyecare_requests_total{path="/v1/chat/completions",code="408"} 1' in metrics
+
+
+def _exposition_families(text: str) -> dict[str, dict]:
+    """Prometheus text format, checked strictly: every sample belongs to a family announced by
+    HELP and TYPE, counter samples end in `_total`, histogram samples are _bucket/_sum/_count."""
+    families: dict[str, dict] = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split()[2]
+            families.setdefault(name, {"samples": []})["help"] = True
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            families.setdefault(name, {"samples": []})["type"] = kind
+        elif line:
+            sample = line.split("{")[0].split(" ")[0]
+            float(line.rsplit(" ", 1)[1])
+            owner = max((f for f in families if sample.startswith(f)), key=len, default=None)
+            assert owner is not None, f"sample {sample} has no TYPE before it"
+            kind = families[owner].get("type")
+            suffixes = {"counter": ("",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}[kind]
+            assert sample[len(owner) :] in suffixes, (sample, owner, kind)
+            families[owner]["samples"].append(sample)
+    for name, fam in families.items():
+        assert fam.get("help") and fam.get("type"), f"{name}: HELP and TYPE"
+        if fam["type"] == "counter":
+            assert name.endswith("_total"), f"counter {name} must end in _total"
+    return families
+
+
+def test_metrics_exposition_is_well_typed(server, client, media_dir):
+    """Every family has HELP and TYPE; the prefix cache's hits/misses/evictions, which only
+    grow, are counters (they were untyped-by-HELP gauges, so rate() did not apply)."""
+    photo = sorted(media_dir.glob("phantom_*"))[0].name
+    for _ in range(2):
+        client.chat.completions.create(model=MODEL, messages=_image_message(photo), max_tokens=2)
+    families = _exposition_families(_get(server.base + "/metrics", KEY)[1].decode())
+    for name in ("hits", "misses", "evictions"):
+        assert families[f"eyecare_prefix_cache_{name}_total"]["type"] == "counter", name
+    for name in ("entries", "bytes", "max_bytes"):
+        assert families[f"eyecare_prefix_cache_{name}"]["type"] == "gauge", name
+    assert families["eyecare_time_to_first_token_seconds"]["type"] == "histogram"
+
+
+def test_startup_bind_errors_and_key_file_permissions(assets, tmp_path):
+    """A port in use is one `error:` line and exit 1 (uvicorn alone logged it and exited 3, the
+    CLI's "some items failed"); an unresolvable --host is a usage error; a key file other users
+    can read is warned about."""
+    from click.testing import CliRunner
+
+    from eyecare_edge.cli import main
+
+    key = tmp_path / "key"
+    key.write_text(KEY + "\n")
+    key.chmod(0o644)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = CliRunner().invoke(
+            main, ["serve", str(assets.bundle), "--port", str(port), "--api-key-file", str(key)]
+        )
+    assert r.exit_code == 1, r.output
+    assert f"error: cannot listen on 127.0.0.1:{port}" in r.output, r.output
+    assert "readable by other users (mode 0644)" in r.output and "chmod 600" in r.output, r.output
+    key.chmod(0o600)
+    r = CliRunner().invoke(
+        main, ["serve", str(assets.bundle), "--host", "no-such-host.invalid", "--api-key-file", str(key)]
+    )
+    assert r.exit_code == 2 and "not an address of this machine" in r.output, r.output
+    assert "readable by other users" not in r.output, r.output

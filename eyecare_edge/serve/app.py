@@ -62,6 +62,7 @@ class ServeConfig:
     queue: int = 8
     timeout_s: float = 300.0
     max_body_bytes: int = 32 << 20
+    body_timeout_s: float = 60.0
     max_images: int = 4
     media: MediaPolicy = field(default_factory=MediaPolicy)
     loopback_only: bool = True
@@ -336,6 +337,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(
         RequestGuard,
         max_bytes=cfg.max_body_bytes,
+        body_timeout_s=cfg.body_timeout_s,
         loopback_only=cfg.loopback_only,
         count=state.metrics.count_request,
         known_paths=KNOWN_PATHS,

@@ -719,3 +719,32 @@ def test_startup_bind_errors_and_key_file_permissions(assets, tmp_path):
     )
     assert r.exit_code == 2 and "not an address of this machine" in r.output, r.output
     assert "readable by other users" not in r.output, r.output
+
+
+def test_json_schema_enum_beyond_the_bmp_is_answered_exactly(client, media_dir):
+    """Enum values (and property names) with characters beyond U+FFFF: the schema converter
+    wrote them as surrogate-pair escapes that llama.cpp's grammar turned into invalid UTF-8, so
+    "🙂 ok" came back as U+FFFD characters, outside the enum. Streamed and not, every sampled
+    answer now parses and is one of the values."""
+    values = ["🙂 ok", "正常眼底 𝔼", "rétinopathie"]
+    schema = {
+        "type": "object",
+        "properties": {"😀 finding": {"type": "string", "enum": values}},
+        "required": ["😀 finding"],
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "u", "schema": schema}}
+    photo = sorted(media_dir.glob("phantom_*"))[1].name
+    seen = set()
+    for seed in range(4):
+        kw = {"model": MODEL, "messages": _image_message(photo), "max_tokens": 40, "temperature": 1.0}
+        text = client.chat.completions.create(**kw, seed=seed, response_format=fmt).choices[0].message.content
+        streamed = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(**kw, seed=seed, response_format=fmt, stream=True)
+            if c.choices
+        )
+        assert streamed == text and "\ufffd" not in text, (text, streamed)
+        value = json.loads(text)["😀 finding"]
+        assert value in values, text
+        seen.add(value)
+    assert seen & {"🙂 ok", "正常眼底 𝔼"}, seen  # an astral value was produced at least once

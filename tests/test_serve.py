@@ -748,3 +748,56 @@ def test_json_schema_enum_beyond_the_bmp_is_answered_exactly(client, media_dir):
         assert value in values, text
         seen.add(value)
     assert seen & {"🙂 ok", "正常眼底 𝔼"}, seen  # an astral value was produced at least once
+
+
+def _metric(base: str, name: str) -> float:
+    text = _get(base + "/metrics", KEY)[1].decode()
+    return float(next(line for line in text.splitlines() if line.startswith(name + " ")).split()[1])
+
+
+def test_a_stream_abandoned_while_queued_never_runs(server, assets, media_dir):
+    """Both workers busy, a streamed request queued behind them (it already got its 200 and role
+    chunk), then its client leaves: it must not run vision and prefill once a worker frees up
+    (before the fix it did, then stopped at its first token: on a real model, seconds of a
+    worker for nobody). Its fresh photo would be a prefix-cache miss if it ran."""
+    import http.client
+
+    port = int(server.base.rsplit(":", 1)[1])
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    schema = {"type": "string", "minLength": 2000}
+    busy = {
+        "model": MODEL,
+        "max_tokens": 400,
+        "stream": True,
+        "messages": _image_message(sorted(media_dir.glob("phantom_*"))[2].name),
+        "response_format": {"type": "json_schema", "json_schema": {"name": "long", "schema": schema}},
+    }
+    conns = []
+    for _ in range(2):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", json.dumps(busy), headers)
+        conns.append((conn, conn.getresponse()))
+    for _, response in conns:  # both are generating
+        assert response.status == 200 and response.read1(100).startswith(b"data: ")
+    deadline = time.monotonic() + 10
+    while _metric(server.base, "eyecare_requests_running") < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    misses = _metric(server.base, "eyecare_prefix_cache_misses_total")
+    fresh = {**busy, "max_tokens": 8, "messages": _image_message(_data_uri(assets.images[7]))}
+    queued = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    queued.request("POST", "/v1/chat/completions", json.dumps(fresh), headers)
+    response = queued.getresponse()
+    assert response.status == 200 and response.read1(100).startswith(b"data: ")
+    assert _metric(server.base, "eyecare_queue_depth") == 1
+    queued.sock.close()
+    queued.close()
+    for conn, response in conns:
+        body = response.read().decode()
+        assert body.rstrip().endswith("data: [DONE]"), body[-200:]
+        conn.close()
+    deadline = time.monotonic() + 10
+    while _metric(server.base, "eyecare_queue_depth") + _metric(server.base, "eyecare_requests_running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert _metric(server.base, "eyecare_prefix_cache_misses_total") == misses
+    assert server.health() == 200

@@ -77,6 +77,8 @@ def make_job(
             loop.call_soon_threadsafe(queue.put_nowait, piece)
 
     def work(pipe: Any) -> tuple[Any, float]:
+        if ticket.cancelled or ticket.pool.stopping:  # gone while queued: no vision, no prefill
+            raise Cancelled()
         answer = pipe.ask(
             images,
             req.question,
@@ -183,3 +185,6 @@ async def stream_answer(
     finally:
         if not task.done():
             ticket.cancelled = True  # the generation stops at its next piece
+            # Still queued: stop waiting for a pipeline. (Once the job runs, cancelling only
+            # stops the waiting; the shielded job ends at its next piece and frees the pipeline.)
+            task.cancel()

@@ -148,6 +148,7 @@ async def stream_answer(
     def event(body: dict) -> str:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+    getter: asyncio.Future | None = None
     try:
         yield event(
             chunk_body(cid, created, cfg.model_id, fingerprint, delta={"role": "assistant", "content": ""})
@@ -183,6 +184,8 @@ async def stream_answer(
             yield event(chunk_body(cid, created, cfg.model_id, fingerprint, usage_=usage(answer)))
         yield "data: [DONE]\n\n"
     finally:
+        if getter is not None and not getter.done():
+            getter.cancel()  # the client left while we waited for a piece
         if not task.done():
             ticket.cancelled = True  # the generation stops at its next piece
             # Still queued: stop waiting for a pipeline. (Once the job runs, cancelling only

@@ -300,7 +300,9 @@ class PipelinePool:
         started = time.monotonic()
         future = asyncio.get_running_loop().run_in_executor(self._executor, job, pipe)
 
-        def done(_: object) -> None:
+        def done(f: asyncio.Future) -> None:
+            if not f.cancelled():
+                f.exception()  # read here: the request may have been cancelled and never reads it
             self.running -= 1
             self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - started)
             self._free.put_nowait(pipe)

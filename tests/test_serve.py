@@ -175,7 +175,9 @@ def server(assets, media_dir, tmp_path_factory):
         srv.proc.kill()
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal (exit -15).
     assert srv.proc.returncode in (0, -15), log.read_text()
-    assert "Traceback" not in log.read_text(), log.read_text()
+    text = log.read_text()
+    for noise in ("Traceback", "Task was destroyed", "never retrieved"):  # asyncio leaks in the log
+        assert noise not in text, text
 
 
 @pytest.fixture(scope="module")

@@ -303,6 +303,12 @@ def _bad_requests(media_dir: Path, bundle_image: Path) -> list[tuple[str, bytes,
         ("placeholders that do not match the images", body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ok_image}}, {"type": "text", "text": "<image> and <image>?"}]}]), {}, 400, "placeholder"),
         ("a negative seed", body(seed=-1), {}, 400, "seed"),
         ("bad response_format", body(response_format={"type": "json_schema", "json_schema": {"schema": 3}}), {}, 400, "schema"),
+        # Python's json reads NaN/Infinity: temperature NaN answered "" (200), top_p NaN was a 500.
+        ("temperature NaN", body(temperature=0.5).replace(b"0.5", b"NaN"), {}, 400, "NaN is not JSON"),
+        ("top_p NaN", body(top_p=0.5).replace(b"0.5", b"NaN"), {}, 400, "NaN is not JSON"),
+        ("temperature -Infinity", body(temperature=0.5).replace(b"0.5", b"-Infinity"), {}, 400, "Infinity"),
+        ("temperature 1e999 (inf)", body(temperature=0.5).replace(b"0.5", b"1e999"), {}, 400, "temperature"),
+        ("nested 100000 deep (was a 500)", b"[" * 100_000 + b"]" * 100_000, {}, 400, "nested"),
     ]  # fmt: skip
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -27,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eyecare_edge.bundle import Manifest
-from eyecare_edge.serve.errors import ApiError, error_body
+from eyecare_edge.serve.errors import ApiError, error_body, load_json
 from eyecare_edge.serve.jobs import SSEResponse, as_api_error, make_job, stream_answer
 from eyecare_edge.serve.limits import (
     PipelinePool,
@@ -296,11 +295,7 @@ def create_app(state: ServerState) -> FastAPI:
             )
         require_ready()
         t0 = time.monotonic()
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON ({e})") from None
+        body = load_json(await request.body())
         req = parse_chat_request(
             body, model_id=cfg.model_id, max_images=cfg.max_images, max_tokens_limit=state.n_ctx
         )

@@ -12,6 +12,7 @@ bundle carries its own system prompt and the runtime answers one question at a t
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ def _float(
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(f"'{name}' must be a number, got {type(value).__name__}", name)
-    if value > high or value < low or (low_open and value == low):
+    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
         side = f"> {low}" if low_open else f">= {low}"
         raise _bad(f"'{name}' must be {side} and <= {high}, got {value}", name)
     return float(value)

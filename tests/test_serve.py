@@ -308,6 +308,7 @@ def _bad_requests(media_dir: Path, bundle_image: Path) -> list[tuple[str, bytes,
         ("top_p NaN", body(top_p=0.5).replace(b"0.5", b"NaN"), {}, 400, "NaN is not JSON"),
         ("temperature -Infinity", body(temperature=0.5).replace(b"0.5", b"-Infinity"), {}, 400, "Infinity"),
         ("temperature 1e999 (inf)", body(temperature=0.5).replace(b"0.5", b"1e999"), {}, 400, "temperature"),
+        ("a lone surrogate in the question", json.dumps({"model": MODEL, "messages": _image_message(ok_image, "a\ud800b")}).encode(), {}, 400, "surrogate"),
         ("nested 100000 deep (was a 500)", b"[" * 100_000 + b"]" * 100_000, {}, 400, "nested"),
     ]  # fmt: skip
 

@@ -200,6 +200,13 @@ def parse_chat_request(body: Any, *, model_id: str, max_images: int, max_tokens_
     question = "\n".join(t for t in texts if t).strip()
     if not question:
         raise _bad("the user message has no text (a question is required)", "messages[0].content")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON may escape half a surrogate pair; it reached the tokenizer
+        raise _bad(
+            f"the question holds an unpaired UTF-16 surrogate ({question[e.start]!r} at character {e.start})",
+            "messages[0].content",
+        ) from None
     if len(urls) > max_images:
         raise _bad(
             f"{len(urls)} images in one request; this server takes at most {max_images}",

@@ -810,3 +810,23 @@ def test_a_stream_abandoned_while_queued_never_runs(server, assets, media_dir):
         time.sleep(0.02)
     assert _metric(server.base, "eyecare_prefix_cache_misses_total") == misses
     assert server.health() == 200
+
+
+def test_an_over_limit_upload_that_expects_100_continue_is_refused_before_it_is_sent(server):
+    """curl sends `Expect: 100-continue` for bodies over 1 MB and waits: the 413 must come
+    first, with no "100 Continue" that would make it upload the whole body to be refused."""
+    port = int(server.base.rsplit(":", 1)[1])
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {KEY}\r\nContent-Length: {3 << 20}\r\nExpect: 100-continue\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert server.health() == 200

@@ -115,9 +115,14 @@ class RequestGuard:
             await send(message)
 
         try:
-            refusal = self._refusal(dict(scope.get("headers") or []))
+            headers = dict(scope.get("headers") or [])
+            refusal = self._refusal(headers)
             if refusal is not None:
-                if refusal.status == 413:  # before answering: uvicorn stops delivering the body after
+                # A client that sent `Expect: 100-continue` (curl does above 1 MB) waits for our
+                # go-ahead before uploading: reading would send "100 Continue" and make it upload
+                # everything just to be refused, so it gets the 413 at once.
+                waits = headers.get(b"expect", b"").lower() == b"100-continue"
+                if refusal.status == 413 and not waits:  # uvicorn delivers no body after the answer
                     await _discard_body(receive, LINGER_BYTES)
                 await send_error(counted_send, refusal)
                 return

@@ -759,16 +759,20 @@ def test_json_schema_enum_beyond_the_bmp_is_answered_exactly(client, media_dir):
     assert seen & {"🙂 ok", "正常眼底 𝔼"}, seen  # an astral value was produced at least once
 
 
-def _metric(base: str, name: str) -> float:
+def _metric(base: str, name: str, default: float | None = None) -> float:
     text = _get(base + "/metrics", KEY)[1].decode()
-    return float(next(line for line in text.splitlines() if line.startswith(name + " ")).split()[1])
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    assert values or default is not None, name
+    return values[0] if values else default
 
 
-def test_a_stream_abandoned_while_queued_never_runs(server, assets, media_dir):
-    """Both workers busy, a streamed request queued behind them (it already got its 200 and role
-    chunk), then its client leaves: it must not run vision and prefill once a worker frees up
-    (before the fix it did, then stopped at its first token: on a real model, seconds of a
-    worker for nobody). Its fresh photo would be a prefix-cache miss if it ran."""
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "not-streamed"])
+def test_a_request_abandoned_while_queued_never_runs(server, assets, media_dir, stream):
+    """Both workers busy, a request queued behind them, then its client leaves (a camera SDK's
+    timeout): it is answered 499 to nobody and never runs. it must not run vision and prefill once a worker frees up
+    Before, a stream ran vision and prefill, then stopped at its first token, and a plain request
+    was answered in full: on a real model, seconds of a worker for nobody. Its fresh photo
+    would be a prefix-cache miss if it ran."""
     import http.client
 
     port = int(server.base.rsplit(":", 1)[1])
@@ -792,12 +796,16 @@ def test_a_stream_abandoned_while_queued_never_runs(server, assets, media_dir):
     while _metric(server.base, "eyecare_requests_running") < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     misses = _metric(server.base, "eyecare_prefix_cache_misses_total")
-    fresh = {**busy, "max_tokens": 8, "messages": _image_message(_data_uri(assets.images[7]))}
+    photo = _data_uri(assets.images[7 if stream else 8])
+    fresh = {**busy, "max_tokens": 8, "stream": stream, "messages": _image_message(photo)}
+    gone = 'eyecare_requests_total{path="/v1/chat/completions",code="499"}'
+    before = _metric(server.base, gone, 0)
     queued = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     queued.request("POST", "/v1/chat/completions", json.dumps(fresh), headers)
-    response = queued.getresponse()
-    assert response.status == 200 and response.read1(100).startswith(b"data: ")
-    assert _metric(server.base, "eyecare_queue_depth") == 1
+    deadline = time.monotonic() + 10  # (no response yet: a stream answers once its job starts)
+    while _metric(server.base, "eyecare_queue_depth") < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     queued.sock.close()
     queued.close()
     for conn, response in conns:
@@ -809,6 +817,7 @@ def test_a_stream_abandoned_while_queued_never_runs(server, assets, media_dir):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert _metric(server.base, "eyecare_prefix_cache_misses_total") == misses
+    assert _metric(server.base, gone) == before + 1
     assert server.health() == 200
 
 
@@ -830,3 +839,25 @@ def test_an_over_limit_upload_that_expects_100_continue_is_refused_before_it_is_
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert server.health() == 200
+
+
+def test_a_stream_that_fails_before_its_first_token_is_an_http_error(client, media_dir):
+    """A prompt over the context fails in prefill: streamed, that was a 200, a role chunk and an
+    error event; now it is the same 400 as without streaming (clients retry or report on the
+    status, e.g. openai raises BadRequestError from create())."""
+    question = "word " * 3000
+    photo = sorted(media_dir.glob("phantom_*"))[0].name
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model=MODEL, messages=_image_message(photo, question), max_tokens=4, stream=stream
+            )
+        assert "context" in str(err.value), err.value
+    text = "".join(  # and a normal stream still streams
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model=MODEL, messages=_image_message(photo), max_tokens=8, stream=True
+        )
+        if c.choices
+    )
+    assert text

@@ -27,7 +27,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eyecare_edge.bundle import Manifest
 from eyecare_edge.serve.errors import ApiError, error_body, load_json
-from eyecare_edge.serve.jobs import SSEResponse, as_api_error, make_job, stream_answer
+from eyecare_edge.serve.jobs import (
+    SSEResponse,
+    abandon,
+    as_api_error,
+    make_job,
+    run_job,
+    start_stream,
+    stream_answer,
+    wait_or_client_gone,
+)
 from eyecare_edge.serve.limits import (
     PipelinePool,
     RequestGuard,
@@ -158,7 +167,7 @@ def add_screen_routes(
         require_ready()
         t0 = time.monotonic()
         req = await read_screen_request(request, cfg.clinical, model_id=cfg.model_id, n_ctx=state.n_ctx)
-        result = await run_screen_request(state, req, t0)
+        result = await run_screen_request(state, req, t0, request.receive)
         rid = "screen-" + completion_id().split("-", 1)[-1]
         body = screen_body(
             result,
@@ -313,16 +322,18 @@ def create_app(state: ServerState) -> FastAPI:
             ticket.release()
             raise
         if req.stream:
-            return SSEResponse(
-                stream_answer(state, req, images, ticket, t0), on_close=ticket.release_unless_started
-            )
+            started = await start_stream(state, request.receive, req, images, ticket, t0)
+            return SSEResponse(stream_answer(state, req, started, t0), on_close=started.close)
+        task = run_job(state, ticket, make_job(req, images, ticket, t0, None, None))
         try:
-            answer, ttft = await state.pool.run(ticket, make_job(req, images, ticket, t0, None, None))
-        except asyncio.CancelledError:
-            ticket.cancelled = True
+            await wait_or_client_gone(request.receive, task)
+            answer, ttft = task.result()
+        except BaseException as e:
+            if not task.done():
+                abandon(task, ticket)
+            if isinstance(e, Exception):
+                raise as_api_error(e) from None
             raise
-        except Exception as e:
-            raise as_api_error(e) from None
         state.metrics.observe_answer(ttft_s=ttft, total_s=time.monotonic() - t0, answer=answer)
         fingerprint = state.pool.pipelines[0].digest[:16]
         return JSONResponse(completion_body(completion_id(), now(), cfg.model_id, answer, fingerprint))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import re
 
 import numpy as np
 
@@ -113,11 +114,28 @@ def json_schema_grammar(schema: dict | str) -> str:
         raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
     schema = _lower(schema)
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        return _astral_escapes(json_schema_to_gbnf(json.dumps(schema)))
     except (ValueError, KeyError, TypeError, AssertionError, NotImplementedError, RecursionError) as e:
         raise GrammarError(
             f"the JSON schema cannot be turned into a grammar ({type(e).__name__}: {e})"
         ) from None
+
+
+# The converter writes literals (enum/const values, property names) with json.dumps, whose
+# \uXXXX escapes GBNF reads as code points; a character beyond U+FFFF becomes a UTF-16 surrogate
+# pair there, i.e. two lone surrogates, which llama.cpp encodes as invalid UTF-8. Found: an enum
+# value "🙂 ok" came back as six U+FFFD, not in the enum. GBNF's \U takes 8 hex digits.
+_SURROGATE_PAIR = re.compile(r"(?<!\\)((?:\\\\)*)\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})", re.IGNORECASE)
+
+
+def _astral_escapes(gbnf: str) -> str:
+    """`\\ud83d\\ude42` -> `\\U0001F642` (an escaped backslash before it is left alone)."""
+
+    def one(m: re.Match) -> str:
+        hi, lo = int(m.group(2), 16), int(m.group(3), 16)
+        return f"{m.group(1)}\\U{0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00):08X}"
+
+    return _SURROGATE_PAIR.sub(one, gbnf)
 
 
 def any_json_grammar() -> str:

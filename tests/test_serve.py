@@ -52,6 +52,7 @@ SCHEMA = {
 }
 PIPE_OPTIONS = {"llm": "f32", "vision_precision": "fp32", **FAST}
 SERVER_START_S = 90
+BODY_TIMEOUT_S = 3
 
 
 def _free_port() -> int:
@@ -163,7 +164,7 @@ def server(assets, media_dir, tmp_path_factory):
         assets.bundle,
         log,
         "--workers", "2", "--queue", "3", "--api-key", KEY, "--allowed-media-dir", str(media_dir),
-        "--max-body-mb", "1", "--model-id", MODEL, "--llm", "f32", "--vision-precision", "fp32",
+        "--max-body-mb", "1", "--body-timeout", str(BODY_TIMEOUT_S), "--model-id", MODEL, "--llm", "f32", "--vision-precision", "fp32",
         "--threads", "1", "--vision-threads", "1", "--log-level", "warning",
     )  # fmt: skip
     yield srv
@@ -174,7 +175,9 @@ def server(assets, media_dir, tmp_path_factory):
         srv.proc.kill()
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal (exit -15).
     assert srv.proc.returncode in (0, -15), log.read_text()
-    assert "Traceback" not in log.read_text(), log.read_text()
+    text = log.read_text()
+    for noise in ("Traceback", "Task was destroyed", "never retrieved"):  # asyncio leaks in the log
+        assert noise not in text, text
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +303,13 @@ def _bad_requests(media_dir: Path, bundle_image: Path) -> list[tuple[str, bytes,
         ("placeholders that do not match the images", body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ok_image}}, {"type": "text", "text": "<image> and <image>?"}]}]), {}, 400, "placeholder"),
         ("a negative seed", body(seed=-1), {}, 400, "seed"),
         ("bad response_format", body(response_format={"type": "json_schema", "json_schema": {"schema": 3}}), {}, 400, "schema"),
+        # Python's json reads NaN/Infinity: temperature NaN answered "" (200), top_p NaN was a 500.
+        ("temperature NaN", body(temperature=0.5).replace(b"0.5", b"NaN"), {}, 400, "NaN is not JSON"),
+        ("top_p NaN", body(top_p=0.5).replace(b"0.5", b"NaN"), {}, 400, "NaN is not JSON"),
+        ("temperature -Infinity", body(temperature=0.5).replace(b"0.5", b"-Infinity"), {}, 400, "Infinity"),
+        ("temperature 1e999 (inf)", body(temperature=0.5).replace(b"0.5", b"1e999"), {}, 400, "temperature"),
+        ("a lone surrogate in the question", json.dumps({"model": MODEL, "messages": _image_message(ok_image, "a\ud800b")}).encode(), {}, 400, "surrogate"),
+        ("nested 100000 deep (was a 500)", b"[" * 100_000 + b"]" * 100_000, {}, 400, "nested"),
     ]  # fmt: skip
 
 
@@ -604,3 +614,250 @@ def test_a_client_leaving_mid_stream_frees_its_worker(server, media_dir):
     freed_s = time.monotonic() - t
     assert running() == 0 and freed_s < full_s / 3, (freed_s, full_s)
     assert server.health() == 200
+
+
+def test_a_slow_body_gets_408_and_the_server_keeps_serving(server):
+    """A client that declares a body and trickles it (one byte every 0.4 s, so no single gap is
+    long) is answered 408 once --body-timeout has passed since the request began; before the
+    fix the connection stayed open for as long as the client liked (seen: > 20 s)."""
+    port = int(server.base.rsplit(":", 1)[1])
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {KEY}\r\nContent-Length: 1000\r\n\r\n{{"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=BODY_TIMEOUT_S * 4) as sock:
+        sock.sendall(head.encode())
+        t = time.monotonic()
+        reply = b""
+        sock.settimeout(0.4)
+        sending = True
+        while b"\r\n\r\n" not in reply and time.monotonic() - t < BODY_TIMEOUT_S * 4:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                if sending:
+                    try:
+                        sock.sendall(b" ")
+                    except OSError:
+                        sending = False
+                continue
+            if not chunk:
+                break
+            reply += chunk
+        waited = time.monotonic() - t
+        sock.settimeout(5)
+        while not reply.endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert BODY_TIMEOUT_S * 0.8 < waited < BODY_TIMEOUT_S * 3, waited
+    error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+    assert "--body-timeout" in error["message"] and error["type"] == "timeout", error
+    assert server.health() == 200
+    metrics = _get(server.base + "/metrics", KEY)[1].decode()
+    assert 'eyecare_requests_total{path="/v1/chat/completions",code="408"} 1' in metrics
+
+
+def _exposition_families(text: str) -> dict[str, dict]:
+    """Prometheus text format, checked strictly: every sample belongs to a family announced by
+    HELP and TYPE, counter samples end in `_total`, histogram samples are _bucket/_sum/_count."""
+    families: dict[str, dict] = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split()[2]
+            families.setdefault(name, {"samples": []})["help"] = True
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            families.setdefault(name, {"samples": []})["type"] = kind
+        elif line:
+            sample = line.split("{")[0].split(" ")[0]
+            float(line.rsplit(" ", 1)[1])
+            owner = max((f for f in families if sample.startswith(f)), key=len, default=None)
+            assert owner is not None, f"sample {sample} has no TYPE before it"
+            kind = families[owner].get("type")
+            suffixes = {"counter": ("",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}[kind]
+            assert sample[len(owner) :] in suffixes, (sample, owner, kind)
+            families[owner]["samples"].append(sample)
+    for name, fam in families.items():
+        assert fam.get("help") and fam.get("type"), f"{name}: HELP and TYPE"
+        if fam["type"] == "counter":
+            assert name.endswith("_total"), f"counter {name} must end in _total"
+    return families
+
+
+def test_metrics_exposition_is_well_typed(server, client, media_dir):
+    """Every family has HELP and TYPE; the prefix cache's hits/misses/evictions, which only
+    grow, are counters (they were untyped-by-HELP gauges, so rate() did not apply)."""
+    photo = sorted(media_dir.glob("phantom_*"))[0].name
+    for _ in range(2):
+        client.chat.completions.create(model=MODEL, messages=_image_message(photo), max_tokens=2)
+    families = _exposition_families(_get(server.base + "/metrics", KEY)[1].decode())
+    for name in ("hits", "misses", "evictions"):
+        assert families[f"eyecare_prefix_cache_{name}_total"]["type"] == "counter", name
+    for name in ("entries", "bytes", "max_bytes"):
+        assert families[f"eyecare_prefix_cache_{name}"]["type"] == "gauge", name
+    assert families["eyecare_time_to_first_token_seconds"]["type"] == "histogram"
+
+
+def test_startup_bind_errors_and_key_file_permissions(assets, tmp_path):
+    """A port in use is one `error:` line and exit 1 (uvicorn alone logged it and exited 3, the
+    CLI's "some items failed"); an unresolvable --host is a usage error; a key file other users
+    can read is warned about."""
+    from click.testing import CliRunner
+
+    from eyecare_edge.cli import main
+
+    key = tmp_path / "key"
+    key.write_text(KEY + "\n")
+    key.chmod(0o644)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = CliRunner().invoke(
+            main, ["serve", str(assets.bundle), "--port", str(port), "--api-key-file", str(key)]
+        )
+    assert r.exit_code == 1, r.output
+    assert f"error: cannot listen on 127.0.0.1:{port}" in r.output, r.output
+    assert "readable by other users (mode 0644)" in r.output and "chmod 600" in r.output, r.output
+    key.chmod(0o600)
+    r = CliRunner().invoke(
+        main, ["serve", str(assets.bundle), "--host", "no-such-host.invalid", "--api-key-file", str(key)]
+    )
+    assert r.exit_code == 2 and "not an address of this machine" in r.output, r.output
+    assert "readable by other users" not in r.output, r.output
+
+
+def test_json_schema_enum_beyond_the_bmp_is_answered_exactly(client, media_dir):
+    """Enum values (and property names) with characters beyond U+FFFF: the schema converter
+    wrote them as surrogate-pair escapes that llama.cpp's grammar turned into invalid UTF-8, so
+    "🙂 ok" came back as U+FFFD characters, outside the enum. Streamed and not, every sampled
+    answer now parses and is one of the values."""
+    values = ["🙂 ok", "正常眼底 𝔼", "rétinopathie"]
+    schema = {
+        "type": "object",
+        "properties": {"😀 finding": {"type": "string", "enum": values}},
+        "required": ["😀 finding"],
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "u", "schema": schema}}
+    photo = sorted(media_dir.glob("phantom_*"))[1].name
+    seen = set()
+    for seed in range(4):
+        kw = {"model": MODEL, "messages": _image_message(photo), "max_tokens": 40, "temperature": 1.0}
+        text = client.chat.completions.create(**kw, seed=seed, response_format=fmt).choices[0].message.content
+        streamed = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(**kw, seed=seed, response_format=fmt, stream=True)
+            if c.choices
+        )
+        assert streamed == text and "\ufffd" not in text, (text, streamed)
+        value = json.loads(text)["😀 finding"]
+        assert value in values, text
+        seen.add(value)
+    assert seen & {"🙂 ok", "正常眼底 𝔼"}, seen  # an astral value was produced at least once
+
+
+def _metric(base: str, name: str, default: float | None = None) -> float:
+    text = _get(base + "/metrics", KEY)[1].decode()
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    assert values or default is not None, name
+    return values[0] if values else default
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "not-streamed"])
+def test_a_request_abandoned_while_queued_never_runs(server, assets, media_dir, stream):
+    """Both workers busy, a request queued behind them, then its client leaves (a camera SDK's
+    timeout): it is answered 499 to nobody and never runs. it must not run vision and prefill once a worker frees up
+    Before, a stream ran vision and prefill, then stopped at its first token, and a plain request
+    was answered in full: on a real model, seconds of a worker for nobody. Its fresh photo
+    would be a prefix-cache miss if it ran."""
+    import http.client
+
+    port = int(server.base.rsplit(":", 1)[1])
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    schema = {"type": "string", "minLength": 2000}
+    busy = {
+        "model": MODEL,
+        "max_tokens": 400,
+        "stream": True,
+        "messages": _image_message(sorted(media_dir.glob("phantom_*"))[2].name),
+        "response_format": {"type": "json_schema", "json_schema": {"name": "long", "schema": schema}},
+    }
+    conns = []
+    for _ in range(2):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", json.dumps(busy), headers)
+        conns.append((conn, conn.getresponse()))
+    for _, response in conns:  # both are generating
+        assert response.status == 200 and response.read1(100).startswith(b"data: ")
+    deadline = time.monotonic() + 10
+    while _metric(server.base, "eyecare_requests_running") < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    misses = _metric(server.base, "eyecare_prefix_cache_misses_total")
+    photo = _data_uri(assets.images[7 if stream else 8])
+    fresh = {**busy, "max_tokens": 8, "stream": stream, "messages": _image_message(photo)}
+    gone = 'eyecare_requests_total{path="/v1/chat/completions",code="499"}'
+    before = _metric(server.base, gone, 0)
+    queued = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    queued.request("POST", "/v1/chat/completions", json.dumps(fresh), headers)
+    deadline = time.monotonic() + 10  # (no response yet: a stream answers once its job starts)
+    while _metric(server.base, "eyecare_queue_depth") < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    queued.sock.close()
+    queued.close()
+    for conn, response in conns:
+        body = response.read().decode()
+        assert body.rstrip().endswith("data: [DONE]"), body[-200:]
+        conn.close()
+    deadline = time.monotonic() + 10
+    while _metric(server.base, "eyecare_queue_depth") + _metric(server.base, "eyecare_requests_running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert _metric(server.base, "eyecare_prefix_cache_misses_total") == misses
+    assert _metric(server.base, gone) == before + 1
+    assert server.health() == 200
+
+
+def test_an_over_limit_upload_that_expects_100_continue_is_refused_before_it_is_sent(server):
+    """curl sends `Expect: 100-continue` for bodies over 1 MB and waits: the 413 must come
+    first, with no "100 Continue" that would make it upload the whole body to be refused."""
+    port = int(server.base.rsplit(":", 1)[1])
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {KEY}\r\nContent-Length: {3 << 20}\r\nExpect: 100-continue\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert server.health() == 200
+
+
+def test_a_stream_that_fails_before_its_first_token_is_an_http_error(client, media_dir):
+    """A prompt over the context fails in prefill: streamed, that was a 200, a role chunk and an
+    error event; now it is the same 400 as without streaming (clients retry or report on the
+    status, e.g. openai raises BadRequestError from create())."""
+    question = "word " * 3000
+    photo = sorted(media_dir.glob("phantom_*"))[0].name
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model=MODEL, messages=_image_message(photo, question), max_tokens=4, stream=stream
+            )
+        assert "context" in str(err.value), err.value
+    text = "".join(  # and a normal stream still streams
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model=MODEL, messages=_image_message(photo), max_tokens=8, stream=True
+        )
+        if c.choices
+    )
+    assert text

@@ -268,6 +268,8 @@ def test_bad_screen_requests_get_4xx_json_and_nothing_is_filed(server, out):
         ("dot-dot", {"image": "../p0.yaml"}, "application/json", "", 403, ".."),
         ("remote URL", {"image": "https://example.com/a.jpg"}, "application/json", "", 400, "remote"),
         ("not JSON", b"{", "application/json", "", 400, "not valid JSON"),
+        ("NaN max_tokens", b'{"image": "photo.png", "max_tokens": NaN}', "application/json", "", 400, "NaN"),
+        ("nested too deeply", b"[" * 100_000 + b"]" * 100_000, "application/json", "", 400, "nested"),
         ("text/plain", b"{}", "text/plain", "", 415, "Content-Type"),
         ("over the body limit", b"\x00" * (3 << 20), "application/dicom", "", 413, "larger"),
     ]  # fmt: skip

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
+import socket
+import stat
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -11,8 +12,6 @@ from pathlib import Path
 import click
 
 from eyecare_edge.commands.ask import pipeline_options, runtime_options
-
-LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 
 
 def _shared_option(name: str) -> bool:
@@ -33,13 +32,48 @@ def _visual_tokens_option(f):
     )(f)
 
 
-def is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here rather than by uvicorn. Why: uvicorn reports a port in
+    use (or an address not on this machine) only in its log and exits 3, the code this CLI
+    means "some items failed"; bound here it is one `error:` line and exit 1 before anything
+    loads, `[::1]` works as written, and `--port 0` can say which port it got."""
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise click.UsageError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        click.echo(f"error: cannot listen on {host}:{port} ({e.strerror or e})", err=True)
+        sys.exit(1)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def key_file_warning(path: Path) -> str | None:
+    """Why a key file's permissions are unsafe, or None. A warning, not a refusal: container
+    secret mounts are often 0644 with no other user to read them."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return (
+            f"warning: --api-key-file {path} is readable by other users (mode {stat.S_IMODE(mode):04o}); "
+            f"anyone on this machine can read the key: chmod 600 {path}"
+        )
+    return None
 
 
 def read_key(api_key: str | None, api_key_file: Path | None) -> str | None:
@@ -140,6 +174,14 @@ def _clinical_config(
     help="Per-request limit in seconds, queueing included.",
 )
 @click.option(
+    "--body-timeout",
+    "body_timeout_s",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    help="Seconds a request body may take to arrive (408 beyond; a slow sender cannot hold a connection).",
+)
+@click.option(
     "--max-images",
     type=click.IntRange(min=1),
     default=4,
@@ -201,6 +243,7 @@ def serve(
     max_body_mb: float,
     queue: int,
     timeout_s: float,
+    body_timeout_s: float,
     max_images: int,
     prefix_cache_mb: float,
     protocol_files: tuple[Path, ...],
@@ -239,10 +282,14 @@ def serve(
     from eyecare_edge.llm import physical_cores
     from eyecare_edge.pipeline import Pipeline, PipelineOptions, choose_llm
     from eyecare_edge.prefix_cache import PrefixCache
+    from eyecare_edge.serve.limits import is_loopback_host
     from eyecare_edge.serve.media import MediaPolicy
 
     key = read_key(api_key, api_key_file)
-    loopback = is_loopback(host)
+    warning = key_file_warning(api_key_file) if api_key_file is not None else None
+    if warning:
+        click.echo(warning, err=True)
+    loopback = is_loopback_host(host)
     if not loopback and key is None:
         raise click.UsageError(
             f"--host {host} is reachable from other machines; refusing to serve it without an API key "
@@ -302,6 +349,7 @@ def serve(
         queue=queue,
         timeout_s=timeout_s,
         max_body_bytes=int(max_body_mb * 2**20),
+        body_timeout_s=body_timeout_s,
         max_images=max_images,
         media=MediaPolicy(allowed_media_dir, opts.max_pixels),
         loopback_only=loopback,
@@ -309,6 +357,8 @@ def serve(
         clinical_unavailable=clinical_reason,
     )
     state = ServerState(config, load)
+    sock = bind_socket(host, port)
+    port = sock.getsockname()[1]
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = uvicorn.Server(
         uvicorn.Config(
@@ -322,7 +372,7 @@ def serve(
     )
     state.on_fatal = lambda: setattr(server, "should_exit", True)
     click.echo(
-        f"eyecare-edge serve: http://{host}:{port} model {config.model_id!r}, {workers} worker(s), "
+        f"eyecare-edge serve: http://{_url_host(host)}:{port} model {config.model_id!r}, {workers} worker(s), "
         f"queue {queue}, API key {'required' if key else 'off'}, local media "
         f"{allowed_media_dir or 'off'}; screening "
         + (
@@ -333,7 +383,10 @@ def serve(
         ),
         err=True,
     )
-    server.run()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     if state.status == "error":
         click.echo(f"error: {state.load_error}", err=True)
         sys.exit(1)

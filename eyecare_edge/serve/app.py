@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -27,8 +26,17 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eyecare_edge.bundle import Manifest
-from eyecare_edge.serve.errors import ApiError, error_body
-from eyecare_edge.serve.jobs import SSEResponse, as_api_error, make_job, stream_answer
+from eyecare_edge.serve.errors import ApiError, error_body, load_json
+from eyecare_edge.serve.jobs import (
+    SSEResponse,
+    abandon,
+    as_api_error,
+    make_job,
+    run_job,
+    start_stream,
+    stream_answer,
+    wait_or_client_gone,
+)
 from eyecare_edge.serve.limits import (
     PipelinePool,
     RequestGuard,
@@ -62,6 +70,7 @@ class ServeConfig:
     queue: int = 8
     timeout_s: float = 300.0
     max_body_bytes: int = 32 << 20
+    body_timeout_s: float = 60.0
     max_images: int = 4
     media: MediaPolicy = field(default_factory=MediaPolicy)
     loopback_only: bool = True
@@ -158,7 +167,7 @@ def add_screen_routes(
         require_ready()
         t0 = time.monotonic()
         req = await read_screen_request(request, cfg.clinical, model_id=cfg.model_id, n_ctx=state.n_ctx)
-        result = await run_screen_request(state, req, t0)
+        result = await run_screen_request(state, req, t0, request.receive)
         rid = "screen-" + completion_id().split("-", 1)[-1]
         body = screen_body(
             result,
@@ -295,11 +304,7 @@ def create_app(state: ServerState) -> FastAPI:
             )
         require_ready()
         t0 = time.monotonic()
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON ({e})") from None
+        body = load_json(await request.body())
         req = parse_chat_request(
             body, model_id=cfg.model_id, max_images=cfg.max_images, max_tokens_limit=state.n_ctx
         )
@@ -317,16 +322,18 @@ def create_app(state: ServerState) -> FastAPI:
             ticket.release()
             raise
         if req.stream:
-            return SSEResponse(
-                stream_answer(state, req, images, ticket, t0), on_close=ticket.release_unless_started
-            )
+            started = await start_stream(state, request.receive, req, images, ticket, t0)
+            return SSEResponse(stream_answer(state, req, started, t0), on_close=started.close)
+        task = run_job(state, ticket, make_job(req, images, ticket, t0, None, None))
         try:
-            answer, ttft = await state.pool.run(ticket, make_job(req, images, ticket, t0, None, None))
-        except asyncio.CancelledError:
-            ticket.cancelled = True
+            await wait_or_client_gone(request.receive, task)
+            answer, ttft = task.result()
+        except BaseException as e:
+            if not task.done():
+                abandon(task, ticket)
+            if isinstance(e, Exception):
+                raise as_api_error(e) from None
             raise
-        except Exception as e:
-            raise as_api_error(e) from None
         state.metrics.observe_answer(ttft_s=ttft, total_s=time.monotonic() - t0, answer=answer)
         fingerprint = state.pool.pipelines[0].digest[:16]
         return JSONResponse(completion_body(completion_id(), now(), cfg.model_id, answer, fingerprint))
@@ -336,6 +343,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(
         RequestGuard,
         max_bytes=cfg.max_body_bytes,
+        body_timeout_s=cfg.body_timeout_s,
         loopback_only=cfg.loopback_only,
         count=state.metrics.count_request,
         known_paths=KNOWN_PATHS,

@@ -1,6 +1,9 @@
-"""The server's one error type and its OpenAI-style JSON body."""
+"""The server's one error type, its OpenAI-style JSON body, and reading a request's JSON."""
 
 from __future__ import annotations
+
+import json
+from typing import Any
 
 
 class ApiError(Exception):
@@ -34,4 +37,20 @@ def error_body(message: str, type_: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": None}}
 
 
-__all__ = ["ApiError", "error_body"]
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (numbers must be finite)")
+
+
+def load_json(raw: bytes) -> Any:
+    """A request body's JSON, strictly: Python's json accepts NaN/Infinity, which reached the
+    sampler as temperature=NaN (an empty answer, 200) or top_p=NaN (500); and a deeply nested
+    body raised RecursionError (500). Both are the client's error: 400."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ApiError(400, f"the body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "the body is not valid JSON (nested too deeply)") from None
+
+
+__all__ = ["ApiError", "error_body", "load_json"]

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -77,6 +78,8 @@ def make_job(
             loop.call_soon_threadsafe(queue.put_nowait, piece)
 
     def work(pipe: Any) -> tuple[Any, float]:
+        if ticket.cancelled or ticket.pool.stopping:  # gone while queued: no vision, no prefill
+            raise Cancelled()
         answer = pipe.ask(
             images,
             req.question,
@@ -129,19 +132,99 @@ def as_api_error(e: BaseException) -> BaseException:
     return e
 
 
+def client_gone_error() -> ApiError:
+    """Answered to nobody; counted in /metrics as 499 (nginx's "client closed request")."""
+    return ApiError(499, "the client closed the connection before the answer", "client_closed")
+
+
+async def _until_disconnect(receive: Callable) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def wait_or_client_gone(receive: Callable, *futures: asyncio.Future) -> None:
+    """Wait until one of `futures` is done; raise client_gone_error() if the client disconnects
+    first. Why: nothing else notices a client that leaves before the response starts (a camera
+    SDK's timeout, a queued request given up): its request was queued, then answered in full
+    for nobody, a worker's time on a real model. `receive` must be past the request body."""
+    gone = asyncio.ensure_future(_until_disconnect(receive))
+    try:
+        await asyncio.wait({gone, *futures}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not gone.done():
+            gone.cancel()
+    if gone.done() and not gone.cancelled() and not any(f.done() for f in futures):
+        raise client_gone_error()
+
+
+def run_job(state: Any, ticket: Any, job: Callable[[Any], Any]) -> asyncio.Future:
+    """`state.pool.run(ticket, job)` as a task whose exception is always read (its client may
+    have left and never read it)."""
+    task = asyncio.ensure_future(state.pool.run(ticket, job))
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
+
+
+def abandon(task: asyncio.Future, ticket: Any) -> None:
+    """The client is gone: a generation stops at its next piece, a queued job never starts."""
+    ticket.cancelled = True
+    task.cancel()
+
+
+@dataclass
+class StartedStream:
+    """A streamed request whose job is running and has produced its first piece (or finished)."""
+
+    task: asyncio.Future
+    pieces: asyncio.Queue
+    getter: asyncio.Future  # the pending or done get() of the next piece
+    ticket: Any
+
+    def close(self) -> None:
+        """However the response ended (client gone included, even before the body began)."""
+        if not self.getter.done():
+            self.getter.cancel()
+        if not self.task.done():
+            self.ticket.cancelled = True  # the generation stops at its next piece
+            # Still queued: stop waiting for a pipeline. (Once the job runs, cancelling only
+            # stops the waiting; the shielded job ends at its next piece and frees the pipeline.)
+            self.task.cancel()
+        self.ticket.release_unless_started()
+
+
+async def start_stream(
+    state: Any, receive: Callable, req: ChatRequest, images: list, ticket: Any, t0: float
+) -> StartedStream:
+    """Run the job and wait for its first piece before any byte of the response is sent, so
+    what fails before the answer starts is an HTTP status, as OpenAI's server and vLLM give it:
+    no worker free in time (503 + Retry-After), prompt over the context (400), deadline (504).
+    Before, the 200 and the role chunk went out first and these came as an error event, which
+    clients' retry-on-status logic (openai's max_retries on 503/429) never sees."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    task = run_job(state, ticket, make_job(req, images, ticket, t0, loop, pieces))
+    getter = asyncio.ensure_future(pieces.get())
+    try:
+        await wait_or_client_gone(receive, getter, task)
+    except BaseException:  # the client left while queued or prefilling
+        getter.cancel()
+        abandon(task, ticket)
+        raise
+    if task.done() and not getter.done() and not task.cancelled() and task.exception() is not None:
+        getter.cancel()
+        raise as_api_error(task.exception()) from None
+    return StartedStream(task, pieces, getter, ticket)
+
+
 async def stream_answer(
-    state: Any, req: ChatRequest, images: list, ticket: Any, t0: float
+    state: Any, req: ChatRequest, started: StartedStream, t0: float
 ) -> AsyncIterator[str]:
     """OpenAI's chunk stream: a role chunk, content chunks, a finish chunk, an optional usage
     chunk, then `data: [DONE]`. An error after the stream started is sent as an error event."""
     cfg = state.config
     cid, created = completion_id(), now()
     fingerprint = state.pool.pipelines[0].digest[:16]
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue = asyncio.Queue()
-    task = asyncio.ensure_future(state.pool.run(ticket, make_job(req, images, ticket, t0, loop, pieces)))
-    # A client that left before the end leaves the task's exception unread: read it (no warning).
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    task, pieces = started.task, started.pieces
 
     def event(body: dict) -> str:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -151,12 +234,13 @@ async def stream_answer(
             chunk_body(cid, created, cfg.model_id, fingerprint, delta={"role": "assistant", "content": ""})
         )
         while True:
-            getter = asyncio.ensure_future(pieces.get())
+            getter = started.getter
             done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
             if getter in done:
                 yield event(
                     chunk_body(cid, created, cfg.model_id, fingerprint, delta={"content": getter.result()})
                 )
+                started.getter = asyncio.ensure_future(pieces.get())
                 continue
             getter.cancel()
             break
@@ -181,5 +265,4 @@ async def stream_answer(
             yield event(chunk_body(cid, created, cfg.model_id, fingerprint, usage_=usage(answer)))
         yield "data: [DONE]\n\n"
     finally:
-        if not task.done():
-            ticket.cancelled = True  # the generation stops at its next piece
+        started.close()

@@ -65,9 +65,17 @@ def is_loopback_host(host_header: str) -> bool:
 class RequestGuard:
     """ASGI middleware in front of everything: counts every response by path and status (so
     413s and 500s are in /metrics too), refuses non-loopback Host headers when the server is
-    bound to loopback (a web page cannot reach it through DNS rebinding), and answers a body over
+    bound to loopback (a web page cannot reach it through DNS rebinding), answers a body over
     `max_bytes` with 413 before it is read (Content-Length) or as soon as the received bytes pass
-    the limit (chunked uploads). Refusals use the API's JSON error shape."""
+    the limit (chunked uploads), and a body that has not fully arrived `body_timeout_s` after the
+    request began with 408. Refusals use the API's JSON error shape.
+
+    Why the body deadline: uvicorn has none, so a client that declares a body and then sends one
+    byte every few seconds (or nothing) held its connection and coroutine forever (seen: still
+    open after 20 s of silence); a few hundred of those exhaust the process's file descriptors
+    and nobody else can connect. The deadline covers the whole body, not the gap between
+    chunks, so trickling does not extend it. (Slow *headers* are uvicorn's to read, before this
+    middleware runs: put a reverse proxy in front of a server reachable from untrusted hosts.)"""
 
     def __init__(
         self,
@@ -77,9 +85,11 @@ class RequestGuard:
         loopback_only: bool,
         count: Callable[[str, int], None],
         known_paths: frozenset[str],
+        body_timeout_s: float = 60.0,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout_s = body_timeout_s
         self.loopback_only = loopback_only
         self.count = count
         self.known_paths = known_paths
@@ -105,21 +115,42 @@ class RequestGuard:
             await send(message)
 
         try:
-            refusal = self._refusal(dict(scope.get("headers") or []))
+            headers = dict(scope.get("headers") or [])
+            refusal = self._refusal(headers)
             if refusal is not None:
-                if refusal.status == 413:  # before answering: uvicorn stops delivering the body after
+                # A client that sent `Expect: 100-continue` (curl does above 1 MB) waits for our
+                # go-ahead before uploading: reading would send "100 Continue" and make it upload
+                # everything just to be refused, so it gets the 413 at once.
+                waits = headers.get(b"expect", b"").lower() == b"100-continue"
+                if refusal.status == 413 and not waits:  # uvicorn delivers no body after the answer
                     await _discard_body(receive, LINGER_BYTES)
                 await send_error(counted_send, refusal)
                 return
             received = 0
+            body_done = False
+            body_deadline = time.monotonic() + self.body_timeout_s
 
             async def limited() -> dict:
-                nonlocal received
-                message = await receive()
+                nonlocal received, body_done
+                if body_done:  # later receives wait for the client to leave: no deadline
+                    return await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), max(body_deadline - time.monotonic(), 0.001))
+                except (TimeoutError, asyncio.TimeoutError):
+                    body_done = True  # answered now; the rest of the body is not waited for
+                    raise ApiError(
+                        408,
+                        f"the request body did not arrive within {self.body_timeout_s:g} s "
+                        f"({received} bytes received; --body-timeout)",
+                        "timeout",
+                    ) from None
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > self.max_bytes:
                         raise self._too_large()
+                    body_done = not message.get("more_body", False)
+                else:
+                    body_done = True
                 return message
 
             await self.app(scope, limited, counted_send)
@@ -274,7 +305,9 @@ class PipelinePool:
         started = time.monotonic()
         future = asyncio.get_running_loop().run_in_executor(self._executor, job, pipe)
 
-        def done(_: object) -> None:
+        def done(f: asyncio.Future) -> None:
+            if not f.cancelled():
+                f.exception()  # read here: the request may have been cancelled and never reads it
             self.running -= 1
             self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - started)
             self._free.put_nowait(pipe)

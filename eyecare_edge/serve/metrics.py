@@ -14,6 +14,16 @@ from collections.abc import Callable, Sequence
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# PrefixCache.stats keys: hits/misses/evictions only grow, so they are counters (`_total`):
+# typed as gauges, Prometheus' rate() and counter-reset handling do not apply to them.
+PREFIX_CACHE_STATS = {
+    "entries": ("gauge", "Image prefixes held in the cache."),
+    "bytes": ("gauge", "Bytes of KV state held in the cache."),
+    "max_bytes": ("gauge", "The cache's byte budget (--prefix-cache-mb)."),
+    "hits": ("counter", "Image prefixes restored from the cache."),
+    "misses": ("counter", "Image prefixes looked up and not found."),
+    "evictions": ("counter", "Image prefixes evicted to stay within the budget."),
+}
 
 
 class Histogram:
@@ -160,8 +170,9 @@ class Metrics:
             out += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value:g}"]
         if extra is not None:
             for key, value in extra().items():
-                name = f"eyecare_prefix_cache_{key}"
-                out += [f"# TYPE {name} gauge", f"{name} {value}"]
+                kind, help_ = PREFIX_CACHE_STATS.get(key, ("gauge", f"Image-prefix cache {key}."))
+                name = f"eyecare_prefix_cache_{key}" + ("_total" if kind == "counter" else "")
+                out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
         return "\n".join(out) + "\n"
 
 

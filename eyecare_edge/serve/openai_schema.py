@@ -12,6 +12,7 @@ bundle carries its own system prompt and the runtime answers one question at a t
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ def _float(
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(f"'{name}' must be a number, got {type(value).__name__}", name)
-    if value > high or value < low or (low_open and value == low):
+    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
         side = f"> {low}" if low_open else f">= {low}"
         raise _bad(f"'{name}' must be {side} and <= {high}, got {value}", name)
     return float(value)
@@ -199,6 +200,13 @@ def parse_chat_request(body: Any, *, model_id: str, max_images: int, max_tokens_
     question = "\n".join(t for t in texts if t).strip()
     if not question:
         raise _bad("the user message has no text (a question is required)", "messages[0].content")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON may escape half a surrogate pair; it reached the tokenizer
+        raise _bad(
+            f"the question holds an unpaired UTF-16 surrogate ({question[e.start]!r} at character {e.start})",
+            "messages[0].content",
+        ) from None
     if len(urls) > max_images:
         raise _bad(
             f"{len(urls)} images in one request; this server takes at most {max_images}",

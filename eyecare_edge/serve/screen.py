@@ -286,9 +286,11 @@ def as_screen_error(e: BaseException) -> BaseException:
     return as_api_error(e)
 
 
-async def run_screen_request(state: Any, req: ScreenRequest, t0: float) -> ScreenResult:
+async def run_screen_request(state: Any, req: ScreenRequest, t0: float, receive: Any) -> ScreenResult:
     """Admit (429 when full), read + decode the image off the event loop, run the job on a
-    pipeline, count it. Errors are ApiErrors."""
+    pipeline (abandoned, 499, if the client leaves first), count it. Errors are ApiErrors."""
+    from eyecare_edge.serve.jobs import abandon, run_job, wait_or_client_gone
+
     config: ClinicalConfig = state.config.clinical
     ticket = state.pool.admit()
     try:
@@ -298,14 +300,15 @@ async def run_screen_request(state: Any, req: ScreenRequest, t0: float) -> Scree
     except BaseException:
         ticket.release()
         raise
+    task = run_job(state, ticket, make_screen_job(req, data, name, frames, ticket, config))
     try:
-        result = await state.pool.run(ticket, make_screen_job(req, data, name, frames, ticket, config))
-    except asyncio.CancelledError:
-        ticket.cancelled = True
-        raise
-    except ApiError:
-        raise
-    except Exception as e:
+        await wait_or_client_gone(receive, task)
+        result = task.result()
+    except BaseException as e:
+        if not task.done():
+            abandon(task, ticket)
+        if isinstance(e, ApiError) or not isinstance(e, Exception):
+            raise
         err = as_screen_error(e)
         if isinstance(err, ApiError):
             if err.status >= 500:

@@ -7,11 +7,10 @@ protocol or model), unknown fields are refused rather than ignored.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from eyecare_edge.serve.errors import ApiError
+from eyecare_edge.serve.errors import ApiError, load_json
 
 if TYPE_CHECKING:
     from eyecare_edge.serve.screen import ClinicalConfig, ScreenResult
@@ -225,10 +224,7 @@ async def read_screen_request(
         return parse_dicom_request(raw, dict(request.query_params), config, n_ctx=n_ctx)
     if request.query_params:
         raise _bad("a JSON request carries its options in the body, not the query string")
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _bad(f"the body is not valid JSON ({e})") from None
+    body = load_json(raw)
     return parse_json_request(body, config, model_id=model_id, n_ctx=n_ctx)
 
 

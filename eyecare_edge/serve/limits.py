@@ -13,6 +13,7 @@ prefix whichever pipeline takes it). The GGUF is mmapped, so N pipelines share i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -123,7 +124,8 @@ class RequestGuard:
                 # everything just to be refused, so it gets the 413 at once.
                 waits = headers.get(b"expect", b"").lower() == b"100-continue"
                 if refusal.status == 413 and not waits:  # uvicorn delivers no body after the answer
-                    await _discard_body(receive, LINGER_BYTES)
+                    with contextlib.suppress(TimeoutError, asyncio.TimeoutError):  # a trickle: answer anyway
+                        await asyncio.wait_for(_discard_body(receive, LINGER_BYTES), self.body_timeout_s)
                 await send_error(counted_send, refusal)
                 return
             received = 0

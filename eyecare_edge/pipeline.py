@@ -54,7 +54,6 @@ from eyecare_edge.images import (
     decode_image_bytes,
     load_images,
 )
-from eyecare_edge.layout import layout_image
 from eyecare_edge.llm import LlamaCppLM, LLMError, LLMOptions
 from eyecare_edge.preprocess import PreprocessConfig, TilePlan, preprocess_images
 from eyecare_edge.prompts import (
@@ -65,6 +64,7 @@ from eyecare_edge.prompts import (
     render,
     with_image_placeholders,
 )
+from eyecare_edge.reduce import TokenBudget, max_kept_tokens, parse_visual_tokens, reduce_image
 from eyecare_edge.vision import (
     VisionChoice,
     VisionError,
@@ -100,6 +100,10 @@ class PipelineOptions:
     kv_type, flash_attn, n_batch, repack: llama.cpp settings (see `LLMOptions`).
     fundus_crop: crop colour fundus photos to their circular field of view before tiling.
     max_tiles: token budget: at most this many patch tiles per image (None: the bundle's).
+    visual_tokens: visual tokens the LLM reads per image: a count (800), a fraction of the
+        image's full sequence (0.25, or "25%"), "all"; None: the bundle's budget (`export
+        --budget`), else all. token_reduction: how they are chosen, pool | diverse (None: the
+        bundle's, else pool). See `eyecare_edge.reduce`. n_ctx follows the budget.
     max_pixels: decoding limit (width x height x frames, checked on the header).
     verify: check the sha256 of each loaded file against the manifest.
     device: GPU ordinal for TensorRT / ONNX Runtime CUDA. build_engine: allow a first-use
@@ -119,6 +123,8 @@ class PipelineOptions:
     repack: bool = False
     fundus_crop: bool = False
     max_tiles: int | None = None
+    visual_tokens: int | float | str | None = None
+    token_reduction: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     verify: bool = True
     device: int = 0
@@ -212,14 +218,24 @@ def max_visual_tokens(config: PreprocessConfig) -> int:
     return n * n + most
 
 
-def default_n_ctx(manifest: Manifest, config: PreprocessConfig) -> int:
-    """Enough positions for the largest image plan plus TEXT_ROOM (multiple of 256), capped at
-    the model's trained context (Phi-3.5: at most 4096)."""
-    want = -(-(max_visual_tokens(config) + TEXT_ROOM) // 256) * 256
+def default_n_ctx(manifest: Manifest, config: PreprocessConfig, budget: TokenBudget | None = None) -> int:
+    """Enough positions for the largest image plan (after the token budget) plus TEXT_ROOM
+    (multiple of 256), capped at the model's trained context (Phi-3.5: at most 4096). The KV
+    cache is n_ctx positions (Phi-3.5 has no GQA: 384 KiB per position in F16), so a budget
+    lowers peak memory too."""
+    most = max_kept_tokens(max_visual_tokens(config), config, budget)
+    want = -(-(most + TEXT_ROOM) // 256) * 256
     cap = int(manifest.model.get("context_length") or manifest.model.get("max_position_embeddings") or 4096)
     if manifest.model.get("llm_arch") == "phi3":
         cap = min(cap, PHI3_MAX_CTX)
     return max(256, min(want, cap))
+
+
+def token_budget(manifest: Manifest, visual_tokens: object = None, method: str | None = None) -> TokenBudget:
+    """The bundle's baked budget (`manifest.budget`) with run-time overrides applied."""
+    baked = TokenBudget.from_dict(getattr(manifest, "budget", None) or {})
+    k = baked.visual_tokens if visual_tokens is None else parse_visual_tokens(visual_tokens)  # type: ignore[arg-type]
+    return TokenBudget(k, method or baked.method)
 
 
 def _sha256_bytes(data: bytes | bytearray | memoryview) -> str:
@@ -295,6 +311,7 @@ class Pipeline:
         lm: LlamaCppLM,
         newline: np.ndarray,
         llm_entry: FileEntry,
+        budget: TokenBudget | None = None,
     ) -> None:
         self.bundle = bundle
         self.manifest = manifest
@@ -304,9 +321,12 @@ class Pipeline:
         self.lm = lm
         self.newline = newline
         self.llm_entry = llm_entry
+        self.budget = budget if budget is not None else TokenBudget()
         self.template = get_template(manifest.prompt.template)
         self.digest = manifest.digest()
-        self._preprocess_key = json.dumps(preprocess.to_dict(), sort_keys=True)
+        self._preprocess_key = json.dumps(
+            {**preprocess.to_dict(), "token_budget": self.budget.to_dict()}, sort_keys=True
+        )
         self._prefix: _Prefix | None = None
         self._lock = threading.RLock()
 
@@ -341,6 +361,10 @@ class Pipeline:
                 preprocess = preprocess.replace(max_tiles=opts.max_tiles)
             except ValueError as e:
                 raise BundleError(f"{root}: max_tiles={opts.max_tiles} does not fit this bundle ({e})") from e
+        try:
+            budget = token_budget(manifest, opts.visual_tokens, opts.token_reduction)
+        except ValueError as e:
+            raise BundleError(f"{root}: {e}") from e
         check = (lambda entries: verify_entries(root, entries)) if opts.verify else None
 
         llm_entry = choose_llm(manifest, opts.llm)
@@ -359,7 +383,7 @@ class Pipeline:
             check=check,
             progress=progress,
         )
-        n_ctx = opts.n_ctx or default_n_ctx(manifest, preprocess)
+        n_ctx = opts.n_ctx or default_n_ctx(manifest, preprocess, budget)
         lm = LlamaCppLM(
             root / llm_entry.path,
             LLMOptions(
@@ -379,7 +403,7 @@ class Pipeline:
         except BundleError:
             lm.close()
             raise
-        return cls(root, manifest, opts, preprocess, vision, lm, newline, llm_entry)
+        return cls(root, manifest, opts, preprocess, vision, lm, newline, llm_entry, budget)
 
     def close(self) -> None:
         """Free the llama.cpp context and model (and a TensorRT engine)."""
@@ -401,6 +425,11 @@ class Pipeline:
         return (
             f"{self.vision.describe()}; llm: llama.cpp {self.llm_entry.precision} "
             f"({self.llm_entry.path}), n_ctx {self.lm.n_ctx}"
+            + (
+                ""
+                if self.budget.is_full
+                else f"; visual tokens {self.budget.visual_tokens} ({self.budget.method})"
+            )
         )
 
     # ------------------------------------------------------------------ images
@@ -447,7 +476,7 @@ class Pipeline:
             )
         out, start = [], 0
         for plan in plans:
-            out.append(layout_image(embeds[start : start + plan.n_tiles], plan, self.newline))
+            out.append(reduce_image(embeds[start : start + plan.n_tiles], plan, self.newline, self.budget))
             start += plan.n_tiles
         return out
 
@@ -608,4 +637,5 @@ __all__ = [
     "decode_source",
     "default_n_ctx",
     "max_visual_tokens",
+    "token_budget",
 ]

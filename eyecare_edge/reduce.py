@@ -86,12 +86,12 @@ class TokenBudget:
 
 
 def parse_visual_tokens(text: str | int | float | None) -> int | float | None:
-    """'800' -> 800, '0.25' or '25%' -> 0.25, 'all'/'full'/None -> None (for the CLI options)."""
+    """'800' -> 800, '0.25' or '25%' -> 0.25, 'all'/'full' -> 1.0 (every token), None -> None."""
     if text is None or isinstance(text, (int, float)):
         return text
     s = str(text).strip().lower()
-    if s in ("", "all", "full", "none"):
-        return None
+    if s in ("all", "full", "100%"):
+        return 1.0
     try:
         if s.endswith("%"):
             return float(s[:-1]) / 100.0
@@ -171,9 +171,19 @@ def max_kept_tokens(max_full: int, config: PreprocessConfig, budget: TokenBudget
 # -------------------------------------------------------------------------------- selecting
 
 
+# Similarities are rounded to this step before comparing: near-duplicate tokens (the black
+# surround of a fundus photo) then tie exactly and the lowest index wins, so ONNX Runtime, INT8
+# vision and the torch model (whose embeddings differ by ~1e-6) keep the same tokens.
+SIMILARITY_STEP = 1.0 / 1024
+
+
+def _coarse(sims: np.ndarray) -> np.ndarray:
+    return np.round(sims * np.float32(1 / SIMILARITY_STEP)).astype(np.float32)
+
+
 def diverse_order(tokens: np.ndarray, count: int) -> np.ndarray:
     """Indices of `count` rows of `tokens` [N, d] chosen by greedy max-min cosine diversity,
-    in the order chosen; ties -> lowest index.
+    in the order chosen; ties (after rounding similarities to SIMILARITY_STEP) -> lowest index.
 
     All pairwise cosine similarities are computed once as one float32 matrix product (N^2 d:
     ~1 s for 3.6k tokens x 3072 on this project's 2-core CPU) and the greedy steps then read one
@@ -183,8 +193,8 @@ def diverse_order(tokens: np.ndarray, count: int) -> np.ndarray:
     count = min(count, n)
     x = np.ascontiguousarray(tokens, dtype=np.float32)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
-    first = int(np.argmin(x @ x.mean(axis=0)))  # least like the image's average token
-    sims = x @ x.T
+    first = int(np.argmin(_coarse(x @ x.mean(axis=0))))  # least like the image's average token
+    sims = _coarse(x @ x.T)
     chosen = np.empty(count, dtype=np.int64)
     chosen[0] = first
     # highest similarity of each candidate to anything kept; kept ones are pinned at +inf

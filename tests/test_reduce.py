@@ -109,7 +109,7 @@ def test_budget_values_and_parsing():
     assert parse_visual_tokens("800") == 800
     assert parse_visual_tokens("25%") == 0.25
     assert parse_visual_tokens("0.1") == 0.1
-    assert parse_visual_tokens("all") is None
+    assert parse_visual_tokens("all") == 1.0 and parse_visual_tokens(None) is None
     with pytest.raises(ValueError, match="count"):
         parse_visual_tokens("lots")
     with pytest.raises(ValueError, match="fraction"):

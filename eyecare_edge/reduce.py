@@ -208,21 +208,22 @@ def diverse_order(tokens: np.ndarray, count: int) -> np.ndarray:
     return chosen
 
 
-def diverse_keep(
-    global_tokens: np.ndarray, fmap: np.ndarray | None, count: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean keep-masks (global [g], map [h, w]) of `count` tokens chosen by `diverse_order`
-    among the global tokens and the map cells (a single-tile image has no map)."""
+def diverse_index(global_tokens: np.ndarray, fmap: np.ndarray | None, count: int) -> np.ndarray:
+    """Indices into the unreduced sequence (`layout_image`'s rows) of the tokens `diverse` keeps:
+    `count` tokens by `diverse_order` among the global tokens and the map cells, plus every row
+    newline, in sequence order (a single-tile image has no map: its one newline)."""
     g = global_tokens.shape[0]
     if fmap is None:
-        pool = global_tokens
-        shape = (0, 0)
-    else:
-        shape = fmap.shape[:2]
-        pool = np.concatenate([global_tokens, fmap.reshape(-1, fmap.shape[-1])], axis=0)
-    keep = np.zeros(pool.shape[0], dtype=bool)
-    keep[diverse_order(pool, count)] = True
-    return keep[:g], keep[g:].reshape(shape)
+        picked = np.sort(diverse_order(global_tokens, count))
+        return np.concatenate([picked, [g]])
+    h, w, d = fmap.shape
+    picked = diverse_order(np.concatenate([global_tokens, fmap.reshape(-1, d)], axis=0), count)
+    keep = np.zeros(g + h * (w + 1), dtype=bool)
+    cells = picked[picked >= g] - g
+    keep[picked[picked < g]] = True
+    keep[g + (cells // w) * (w + 1) + cells % w] = True
+    keep[g + np.arange(h) * (w + 1) + w] = True  # every row's newline
+    return np.flatnonzero(keep)
 
 
 # -------------------------------------------------------------------------------- reducing
@@ -253,15 +254,8 @@ def reduce_image(
             parts.append(np.concatenate([fmap, np.broadcast_to(newline, (mh, 1, d))], axis=1).reshape(-1, d))
         out = np.concatenate(parts, axis=0)
     else:
-        rows = _rows(plan)
-        keep_g, keep_m = diverse_keep(global_tokens, fmap, want - rows)
-        parts = [global_tokens[keep_g]]
-        if fmap is None:
-            parts.append(newline)
-        else:
-            for r in range(fmap.shape[0]):
-                parts += [fmap[r][keep_m[r]], newline]
-        out = np.concatenate(parts, axis=0)
+        idx = diverse_index(global_tokens, fmap, want - _rows(plan))
+        out = layout_image(embeds, plan, newline)[idx]
     if out.shape[0] != want:
         raise AssertionError(f"reduction produced {out.shape[0]} tokens, kept_tokens says {want}")
     return out

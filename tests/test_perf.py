@@ -440,6 +440,7 @@ def test_run_perf_end_to_end_on_the_tiny_bundle(tiny_bundle, tiny_checkpoint, sm
         visual_tokens=(0.5,),
         token_methods=("pool",),
         kv_variants=False,
+        token_repeats=1,
     )
     report = run_perf(opts)
     assert report["config"]["llm_layers"] == report["config"]["full_llm_layers"]  # tiny: no extrapolation

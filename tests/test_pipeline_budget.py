@@ -140,3 +140,14 @@ def test_baked_budget_applies_unless_overridden_and_sizes_n_ctx(assets, tmp_path
     assert default_n_ctx(m, cfg, TokenBudget(0.2)) < default_n_ctx(m, cfg)
     with pytest.raises(Exception, match="fraction"):
         Pipeline.load(bundle, visual_tokens=2.5, **EXACT)
+
+
+def test_position_schemes_measurement_is_exact_at_full_budget(assets):
+    from eyecare_edge.perf.positions import position_fidelity
+
+    full = position_fidelity(str(assets.checkpoint), str(assets.bench), fraction=1.0, limit=1, threads=1)
+    assert full["n"] == 1
+    assert set(full["rows"]) == {"pool compact", "pool original", "diverse compact", "diverse original", "full"}
+    for name, row in full["rows"].items():
+        assert row["mean_kl"] == pytest.approx(0.0, abs=1e-5), name
+        assert row["top1_agreement"] == 1.0

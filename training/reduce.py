@@ -2,7 +2,7 @@
 
 Sizes and the kept count come from `eyecare_edge.reduce` (one implementation); `pool`'s resize is
 `F.interpolate` as in `training.layout`. `diverse` selects with the runtime's own numpy
-`diverse_keep` on detached values (the choice is discrete, so it carries no gradient anyway) and
+`diverse_index` on detached values (the choice is discrete, so it carries no gradient anyway) and
 gathers in torch, so training and the bundle keep the very same tokens. `tests/test_reduce.py`
 holds this file equal to the numpy version.
 """
@@ -13,7 +13,7 @@ import torch
 from eyecare_edge.training.layout import bilinear, layout_image, layout_parts
 
 from eyecare_edge.preprocess import TilePlan
-from eyecare_edge.reduce import TokenBudget, _pool_sizes, _rows, diverse_keep, kept_tokens, pool_side
+from eyecare_edge.reduce import TokenBudget, _pool_sizes, _rows, diverse_index, kept_tokens, pool_side
 
 
 def reduce_image(
@@ -40,17 +40,9 @@ def reduce_image(
                 fmap = bilinear(fmap, mh, mw)
             parts.append(torch.cat([fmap, newline.expand(mh, 1, d)], dim=1).reshape(-1, d))
         return torch.cat(parts, dim=0)
-    keep_g, keep_m = diverse_keep(
+    idx = diverse_index(
         global_tokens.detach().float().cpu().numpy(),
         None if fmap is None else fmap.detach().float().cpu().numpy(),
         want - _rows(plan),
     )
-    dev = embeds.device
-    parts = [global_tokens[torch.from_numpy(keep_g).to(dev)]]
-    if fmap is None:
-        parts.append(newline)
-    else:
-        mask = torch.from_numpy(keep_m).to(dev)
-        for r in range(fmap.shape[0]):
-            parts += [fmap[r][mask[r]], newline]
-    return torch.cat(parts, dim=0)
+    return layout_image(embeds, plan, newline)[torch.from_numpy(idx).to(embeds.device)]

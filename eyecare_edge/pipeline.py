@@ -154,7 +154,7 @@ class ImageInput:
 class Answer:
     """One answer. timings are milliseconds: decode_ms (reading and decoding the images),
     preprocess_ms (FOV crop, tiling), vision_ms (tile embeddings + layout; 0 when the image
-    prefix was reused), prefill_ms (image prefix, when not reused, plus the question text),
+    prefix was reused; layout_ms of it: laying out and reducing the visual tokens), prefill_ms (image prefix, when not reused, plus the question text),
     generate_ms (sampling the answer after prefill), first_token_ms (call start to the first
     token), total_ms. cached_prefix: whether the image prefix came from the KV cache.
     """
@@ -328,6 +328,7 @@ class Pipeline:
             {**preprocess.to_dict(), "token_budget": self.budget.to_dict()}, sort_keys=True
         )
         self._prefix: _Prefix | None = None
+        self._layout_ms = 0.0
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ loading
@@ -475,9 +476,11 @@ class Pipeline:
                 f"{self.lm.n_embd} (vision and LLM files from different models?)"
             )
         out, start = [], 0
+        t = time.perf_counter()
         for plan in plans:
             out.append(reduce_image(embeds[start : start + plan.n_tiles], plan, self.newline, self.budget))
             start += plan.n_tiles
+        self._layout_ms = 1000.0 * (time.perf_counter() - t)
         return out
 
     def encode_images(
@@ -552,6 +555,7 @@ class Pipeline:
                 t_vis = time.perf_counter()
                 timings["preprocess_ms"] = 1000.0 * (t_pre - t)
                 timings["vision_ms"] = 1000.0 * (t_vis - t_pre)
+                timings["layout_ms"] = self._layout_ms if inputs else 0.0
                 parts: list[str | np.ndarray] = []
                 for text, seq in zip(pieces[:-1], sequences, strict=True):
                     parts += [text, seq]

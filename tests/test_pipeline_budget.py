@@ -111,8 +111,16 @@ def test_reduced_sequence_equals_the_torch_mirror(assets, records):
             (plan,) = model.plans_for(inputs.image_sizes, inputs.image_n_tiles)
             for method, pipe in pipes.items():
                 with torch.no_grad():
+                    (ref,) = model.image_features(
+                        inputs.pixel_values,
+                        inputs.image_sizes,
+                        inputs.image_n_tiles,
+                        TokenBudget(0.3, method),
+                    )
                     tiles = model.encode_tiles(inputs.pixel_values)
-                    ref = reduce_torch(tiles, plan, model.image_newline, TokenBudget(0.3, method)).numpy()
+                    again = reduce_torch(tiles, plan, model.image_newline, TokenBudget(0.3, method))
+                assert torch.equal(ref, again)
+                ref = ref.numpy()
                 (got,) = pipe.encode_images(path)
                 assert got.shape == ref.shape
                 assert float(np.abs(got - ref).max() / max(1.0, np.abs(ref).max())) <= 1e-4, (path, method)
@@ -147,7 +155,35 @@ def test_position_schemes_measurement_is_exact_at_full_budget(assets):
 
     full = position_fidelity(str(assets.checkpoint), str(assets.bench), fraction=1.0, limit=1, threads=1)
     assert full["n"] == 1
-    assert set(full["rows"]) == {"pool compact", "pool original", "diverse compact", "diverse original", "full"}
+    assert set(full["rows"]) == {
+        "pool compact",
+        "pool original",
+        "diverse compact",
+        "diverse original",
+        "full",
+    }
     for name, row in full["rows"].items():
         assert row["mean_kl"] == pytest.approx(0.0, abs=1e-5), name
         assert row["top1_agreement"] == 1.0
+
+
+def test_export_named_budgets_bake_tiles_and_kept_tokens():
+    from eyecare_edge.export.exporter import ExportOptions, bundle_budget, bundle_preprocess
+
+    from eyecare_edge.preprocess import apply_budget, preset_preprocess
+    from eyecare_edge.reduce import NAMED_BUDGETS
+
+    base = preset_preprocess("eyecare-3.8b")
+    assert bundle_budget(ExportOptions(budget="full")) == {} and bundle_budget(ExportOptions()) == {}
+    assert bundle_preprocess(base, ExportOptions(budget="full")) == base
+    for name in ("balanced", "fast"):
+        b = NAMED_BUDGETS[name]
+        assert bundle_budget(ExportOptions(budget=name)) == {
+            "name": name,
+            "visual_tokens": b["visual_tokens"],
+            "method": b["method"],
+        }
+        assert bundle_preprocess(base, ExportOptions(budget=name)).max_tiles == b["max_tiles"]
+    # the training budget `minimal` is still a preprocessing-only budget
+    assert bundle_preprocess(base, ExportOptions(budget="minimal")) == apply_budget(base, "minimal")
+    assert bundle_budget(ExportOptions(budget="minimal")) == {}

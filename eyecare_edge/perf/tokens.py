@@ -204,7 +204,7 @@ def token_rows(raw: dict, model, split_ttft, ttft_full, memory_summary) -> list[
             )
         elif "error" in res:
             row["error"] = res["error"]
-        a = acc.get(b.get("name"))
+        a = None if b.get("kv") else acc.get(b.get("name"))  # accuracy was measured once per budget
         if a is not None and "accuracy" in a:
             row.update(
                 accuracy=a["accuracy"],

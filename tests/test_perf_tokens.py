@@ -9,6 +9,7 @@ from test_perf import _raw
 from eyecare_edge.cli import main
 from eyecare_edge.perf.report import build_report, render_table
 from eyecare_edge.perf.tokens import choose_default, pipeline_overrides, question_type, token_grid
+from eyecare_edge.reduce import NAMED_BUDGETS
 
 
 def _speed(
@@ -100,8 +101,12 @@ def test_choose_default_without_accuracy_and_grid_helpers():
     assert [g["name"] for g in grid] == ["full", "50% pool", "fast pool"]
     assert pipeline_overrides(grid[0]) == {"visual_tokens": "all"}
     fast = next(g for g in grid if g["name"] == "fast pool")
-    assert pipeline_overrides(fast, bundle_max_tiles=1) == {"visual_tokens": 0.2, "token_reduction": "pool"}
-    assert pipeline_overrides(fast)["max_tiles"] == 2
+    named = NAMED_BUDGETS["fast"]
+    assert pipeline_overrides(fast, bundle_max_tiles=named["max_tiles"]) == {
+        "visual_tokens": named["visual_tokens"],
+        "token_reduction": "pool",
+    }
+    assert pipeline_overrides(fast, bundle_max_tiles=9)["max_tiles"] == named["max_tiles"]
 
     class R:
         modality, question, meta = "fundus", "Are retinal haemorrhages present in this fundus photograph?", {}

@@ -95,6 +95,16 @@ def test_default_budget_rule_ratios_and_table():
     assert "fundus: haemorrhage/microaneurysm" in text
 
 
+def test_a_tile_cut_the_accuracy_bundle_did_not_make_is_not_eligible():
+    raw = _token_raw()
+    for a in raw["token_accuracy"]["rows"]:
+        if a["name"] == "fast pool":  # fewest tokens, within 1 point, but its tiles were not cut
+            a.update(accuracy=0.80, tiles_as_budgeted=False)
+    report = build_report(raw)
+    assert report["token_budget_summary"]["default"] == "25% pool"
+    assert "(tiles not cut)" in render_table(report)
+
+
 def test_choose_default_without_accuracy_and_grid_helpers():
     assert choose_default([{"name": "full", "n_image_tokens": 10, "accuracy": None}]) is None
     grid = token_grid((0.5,), ("pool",))

@@ -155,14 +155,11 @@ def test_position_schemes_measurement_is_exact_at_full_budget(assets):
 
     full = position_fidelity(str(assets.checkpoint), str(assets.bench), fraction=1.0, limit=1, threads=1)
     assert full["n"] == 1
-    assert set(full["rows"]) == {
-        "pool compact",
-        "pool original",
-        "diverse compact",
-        "diverse original",
-        "full",
-    }
+    schemes = ("compact", "original", "compact, no newlines")
+    assert set(full["rows"]) == {f"{m} {s}" for m in ("pool", "diverse") for s in schemes} | {"full"}
     for name, row in full["rows"].items():
+        if name.endswith("no newlines"):  # fewer rows than the full sequence: not exact by design
+            continue
         assert row["mean_kl"] == pytest.approx(0.0, abs=1e-5), name
         assert row["top1_agreement"] == 1.0
 

@@ -6,7 +6,9 @@ A reduced image can sit in the LLM's sequence in two ways:
   (what llama.cpp gets from an ordinary batch; n_ctx and the KV cache shrink with the budget);
 - `original`: each kept token keeps the position it had in the unreduced sequence (`diverse`:
   its own index; `pool`: positions spread evenly over the unreduced span) and the text after the
-  image continues where the unreduced image would have ended (RoPE sees the full geometry).
+  image continues where the unreduced image would have ended (RoPE sees the full geometry);
+- `compact, no newlines`: as `compact` without the row newlines (where newlines go: after each
+  (pooled) row, as trained, or nowhere).
 
 For each closed question of a bench, the answer's first-token distribution under each scheme is
 compared with the full-token one: KL(full || reduced) and whether the top token agrees, plus
@@ -96,12 +98,15 @@ def position_fidelity(
                         None if fmap is None else fmap.float().numpy(),
                         kept_tokens(plan, budget) - _rows(plan),
                     )
+                nl = torch.all(seq == model.image_newline.to(seq.dtype), dim=1)
+                bare = seq[~nl]
                 schemes = {
-                    "compact": (torch.arange(seq.shape[0]), seq.shape[0]),
-                    "original": (torch.from_numpy(_kept_positions(plan, budget, n_full, idx)), n_full),
+                    "compact": (seq, torch.arange(seq.shape[0]), seq.shape[0]),
+                    "original": (seq, torch.from_numpy(_kept_positions(plan, budget, n_full, idx)), n_full),
+                    "compact, no newlines": (bare, torch.arange(bare.shape[0]), bare.shape[0]),
                 }
-                for scheme, (pos, span) in schemes.items():
-                    out = logits(seq, pos, span)
+                for scheme, (rows, pos, span) in schemes.items():
+                    out = logits(rows, pos, span)
                     lp = torch.log_softmax(out, -1)
                     kl = float(torch.sum(ref_lp.exp() * (ref_lp - lp)))
                     s = stats.setdefault(f"{method} {scheme}", {"kl": [], "top1": [], "correct": []})

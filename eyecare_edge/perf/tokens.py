@@ -7,7 +7,9 @@ question type (fine lesions such as haemorrhages and microaneurysms are the firs
 they are counted apart). The rule for the default budget is written here once:
 
     default = the budget with the fewest visual tokens whose closed-QA accuracy is within
-              DEFAULT_RULE_POINTS points of the full-token accuracy on the same bench.
+              DEFAULT_RULE_POINTS points of the full-token accuracy on the same bench
+              (budgets whose tile cap did not bind on the accuracy bundle are not eligible:
+              their accuracy says nothing about the tiles they cut).
 
 The KV cache type is compared the same way, at the default budget (F16 vs Q8_0, which
 llama.cpp only supports with flash attention for V).
@@ -114,8 +116,9 @@ def closed_qa_by_budget(
     types = [question_type(r) for r in records]
     rows = []
     for row in grid:
+        overrides = pipeline_overrides(row, bundle_tiles)
         try:
-            pipe = Pipeline.load(bundle, **{**(options or {}), **pipeline_overrides(row, bundle_tiles)})
+            pipe = Pipeline.load(bundle, **{**(options or {}), **overrides})
         except Exception as e:  # a budget the bundle cannot take
             rows.append({"name": row["name"], "skipped": f"{type(e).__name__}: {e}"})
             continue
@@ -146,6 +149,9 @@ def closed_qa_by_budget(
                 "mean_kept_tokens": float(np.mean(kept)),
                 "mean_ttft_ms": float(np.mean(ttft)) if ttft else None,
                 "per_type": per_type,
+                # whether the budget's tile cap bound on this bundle (a bundle trained with
+                # fewer tiles cannot tell what cutting tiles costs)
+                "tiles_as_budgeted": row.get("max_tiles") is None or "max_tiles" in overrides,
             }
         )
     return rows
@@ -163,6 +169,7 @@ def choose_default(rows: list[dict], points: float = DEFAULT_RULE_POINTS) -> dic
         r
         for r in rows
         if r.get("accuracy") is not None
+        and r.get("accuracy_tiles_as_budgeted", True)
         and r.get("n_image_tokens") is not None
         and 100.0 * (r["accuracy"] - full["accuracy"]) >= -points - 1e-9
     ]
@@ -212,6 +219,7 @@ def token_rows(raw: dict, model, split_ttft, ttft_full, memory_summary) -> list[
                 accuracy_n=a["n"],
                 accuracy_per_type=a.get("per_type"),
                 accuracy_mean_kept_tokens=a.get("mean_kept_tokens"),
+                accuracy_tiles_as_budgeted=a.get("tiles_as_budgeted", True),
             )
         elif a is not None:
             row["accuracy_skipped"] = a.get("skipped") or a.get("error")
@@ -297,6 +305,8 @@ def render_token_table(rows: list[dict], summary: dict, fmt) -> list[str]:
         if r.get("accuracy") is not None:
             lo, hi = r["accuracy_ci"]
             acc = f"{r['accuracy']:.1%} [{lo:.0%}, {hi:.0%}] n={r['accuracy_n']}"
+            if not r.get("accuracy_tiles_as_budgeted", True):
+                acc += " (tiles not cut)"
         table.append(
             [
                 r["name"] + (f" ({r['kv']})" if r.get("kv") else ""),

@@ -817,13 +817,19 @@ def _token_budgets(
     # the default budget by the rule, on this image's kept-token counts
     h, w = load_image(image).rgb.shape[:2]
     pre = manifest.preprocess_config()
-    acc = {r["name"]: r.get("accuracy") for r in state.token_accuracy.get("rows", [])}
+    acc = {r["name"]: r for r in state.token_accuracy.get("rows", [])}
     tokens = []
     for row in grid:
         p = plan_image((h, w), pre.replace(max_tiles=row["max_tiles"]) if row["max_tiles"] else pre)
         budget = TokenBudget(row["visual_tokens"], row["method"] or "pool")
+        a = acc.get(row["name"], {})
         tokens.append(
-            {"name": row["name"], "n_image_tokens": kept_tokens(p, budget), "accuracy": acc.get(row["name"])}
+            {
+                "name": row["name"],
+                "n_image_tokens": kept_tokens(p, budget),
+                "accuracy": a.get("accuracy"),
+                "accuracy_tiles_as_budgeted": a.get("tiles_as_budgeted", True),
+            }
         )
     chosen = choose_default(tokens)
     if chosen is None:

@@ -154,9 +154,10 @@ class ImageInput:
 class Answer:
     """One answer. timings are milliseconds: decode_ms (reading and decoding the images),
     preprocess_ms (FOV crop, tiling), vision_ms (tile embeddings + layout; 0 when the image
-    prefix was reused; layout_ms of it: laying out and reducing the visual tokens), prefill_ms (image prefix, when not reused, plus the question text),
-    generate_ms (sampling the answer after prefill), first_token_ms (call start to the first
-    token), total_ms. cached_prefix: whether the image prefix came from the KV cache.
+    prefix was reused; layout_ms of it: laying out and reducing the visual tokens),
+    prefill_ms (image prefix, when not reused, plus the question text), generate_ms (sampling
+    the answer after prefill), first_token_ms (call start to the first token), total_ms.
+    cached_prefix: whether the image prefix came from the KV cache.
     """
 
     text: str

@@ -237,7 +237,15 @@ def _rebuilt(pipe, *, anyres_max: int | None = None, vision_chunk: int | None = 
     if vision_chunk:
         vision = VisionChoice(ChunkedVision(vision.encoder, vision_chunk), vision.skipped)
     return Pipeline(
-        pipe.bundle, pipe.manifest, pipe.options, pre, vision, pipe.lm, pipe.newline, pipe.llm_entry
+        pipe.bundle,
+        pipe.manifest,
+        pipe.options,
+        pre,
+        vision,
+        pipe.lm,
+        pipe.newline,
+        pipe.llm_entry,
+        pipe.budget,
     )
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from eyecare_edge.bundle import Manifest, PromptSpec, add_file, sha256_file, write_manifest
 from eyecare_edge.preprocess import PreprocessConfig, apply_budget, preprocess_image
 from eyecare_edge.prompts import REPORT_PROMPT, get_template
+from eyecare_edge.reduce import NAMED_BUDGETS
 
 VISION_FORMATS = ("fp32", "fp16", "int8", "int8_u8s8")
 LLM_FORMATS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
@@ -99,13 +100,25 @@ def _normalise_formats(options: ExportOptions) -> None:
 
 def bundle_preprocess(base: PreprocessConfig, options: ExportOptions) -> PreprocessConfig:
     """The checkpoint's preprocessing with the export's token budget applied."""
-    pre = apply_budget(base, options.budget) if options.budget else base
+    if options.budget in NAMED_BUDGETS:  # tiles here; kept tokens go to manifest.budget
+        tiles = NAMED_BUDGETS[options.budget]["max_tiles"]
+        pre = base.replace(max_tiles=tiles) if tiles is not None else base
+    else:
+        pre = apply_budget(base, options.budget) if options.budget else base
     changes = {
         k: v
         for k, v in (("max_tiles", options.max_tiles), ("anyres_max", options.anyres_max))
         if v is not None
     }
     return pre.replace(**changes) if changes else pre
+
+
+def bundle_budget(options: ExportOptions) -> dict:
+    """The token budget `export --budget NAME` bakes into the manifest (empty: every token)."""
+    b = NAMED_BUDGETS.get(options.budget or "")
+    if b is None or b["visual_tokens"] is None:
+        return {}
+    return {"name": options.budget, "visual_tokens": b["visual_tokens"], "method": b["method"]}
 
 
 def model_info(cfg) -> dict:
@@ -417,6 +430,7 @@ def export_bundle(
             lstrip_specials=lstrip,
         ),
         source={"checkpoint": str(ckpt.resolve()), "digest": checkpoint_digest(ckpt)},
+        budget=bundle_budget(options),
     )
     calib = Path(options.calibration) if options.calibration else default_calibration_source()
     ctx = _Ctx(root, options, pre, manifest, progress, calib)

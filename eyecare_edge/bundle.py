@@ -91,6 +91,9 @@ class Manifest:
     files: list[FileEntry] = field(default_factory=list)
     validation: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
+    # Token budget baked by `export --budget` ({"name", "visual_tokens", "method"}; see
+    # `eyecare_edge.reduce`); empty = every visual token.
+    budget: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     producer: str = f"eyecare-edge {__version__}"
     created: str = field(
@@ -126,6 +129,8 @@ class Manifest:
             "preprocess": self.preprocess,
             "prompt": asdict(self.prompt),
         }
+        if self.budget:  # only when baked, so digests of bundles without one are unchanged
+            core["budget"] = self.budget
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
 
     def to_dict(self) -> dict:

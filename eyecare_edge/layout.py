@@ -50,16 +50,16 @@ def bilinear_resize(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return row0
 
 
-def layout_image(embeds: np.ndarray, plan: TilePlan, newline: np.ndarray) -> np.ndarray:
-    """One image's tile embeddings [T, n, d] -> its visual token sequence [plan.visual_tokens, d]."""
+def layout_parts(embeds: np.ndarray, plan: TilePlan) -> tuple[np.ndarray, np.ndarray | None]:
+    """The two token groups of one image before newlines: the global view's tokens [n, d] and
+    the unpadded, `anyres_max`-compressed patch map [ch, cw, d] (None for a single-tile image)."""
     t, n, d = embeds.shape
     if t != plan.n_tiles or n != plan.tokens_per_tile:
         raise ValueError(
             f"embeddings {embeds.shape} do not match the plan ({plan.n_tiles} tiles x {plan.tokens_per_tile} tokens)"
         )
-    newline = np.asarray(newline, dtype=embeds.dtype).reshape(1, d)
     if plan.mode == "single":
-        return np.concatenate([embeds[0], newline], axis=0)
+        return embeds[0], None
     side = round(n**0.5)
     rows, cols = plan.grid
     merged = (
@@ -73,8 +73,19 @@ def layout_image(embeds: np.ndarray, plan: TilePlan, newline: np.ndarray) -> np.
     ch, cw = plan.compressed_map
     if (ch, cw) != fmap.shape[:2]:
         fmap = bilinear_resize(fmap, ch, cw).astype(embeds.dtype, copy=False)
+    return embeds[0], fmap
+
+
+def layout_image(embeds: np.ndarray, plan: TilePlan, newline: np.ndarray) -> np.ndarray:
+    """One image's tile embeddings [T, n, d] -> its visual token sequence [plan.visual_tokens, d]."""
+    global_tokens, fmap = layout_parts(embeds, plan)
+    d = embeds.shape[2]
+    newline = np.asarray(newline, dtype=embeds.dtype).reshape(1, d)
+    if fmap is None:
+        return np.concatenate([global_tokens, newline], axis=0)
+    ch, cw = fmap.shape[:2]
     with_newlines = np.concatenate([fmap, np.broadcast_to(newline, (ch, 1, d))], axis=1)
-    out = np.concatenate([embeds[0], with_newlines.reshape(ch * (cw + 1), d)], axis=0)
+    out = np.concatenate([global_tokens, with_newlines.reshape(ch * (cw + 1), d)], axis=0)
     if out.shape[0] != plan.visual_tokens:
         raise AssertionError(f"layout produced {out.shape[0]} tokens, plan says {plan.visual_tokens}")
     return out

@@ -59,7 +59,6 @@ from eyecare_edge.images import (
     decode_image_bytes,
     load_images,
 )
-from eyecare_edge.layout import layout_image
 from eyecare_edge.llm import LlamaCppLM, LLMError, LLMOptions
 from eyecare_edge.prefix_cache import PrefixCache, PrefixState
 from eyecare_edge.preprocess import PreprocessConfig, TilePlan, preprocess_images
@@ -71,6 +70,7 @@ from eyecare_edge.prompts import (
     render,
     with_image_placeholders,
 )
+from eyecare_edge.reduce import TokenBudget, max_kept_tokens, parse_visual_tokens, reduce_image
 from eyecare_edge.vision import (
     VisionChoice,
     VisionError,
@@ -111,6 +111,10 @@ class PipelineOptions:
         auto: llama.cpp's choice on a GPU, off on the CPU).
     fundus_crop: crop colour fundus photos to their circular field of view before tiling.
     max_tiles: token budget: at most this many patch tiles per image (None: the bundle's).
+    visual_tokens: visual tokens the LLM reads per image: a count (800), a fraction of the
+        image's full sequence (0.25, or "25%"), "all"; None: the bundle's budget (`export
+        --budget`), else all. token_reduction: how they are chosen, pool | diverse (None: the
+        bundle's, else pool). See `eyecare_edge.reduce`. n_ctx follows the budget.
     max_pixels: decoding limit (width x height x frames, checked on the header).
     verify: check the sha256 of each loaded file against the manifest.
     device: GPU ordinal for TensorRT / ONNX Runtime CUDA. build_engine: allow a first-use
@@ -130,6 +134,8 @@ class PipelineOptions:
     repack: bool = False
     fundus_crop: bool = False
     max_tiles: int | None = None
+    visual_tokens: int | float | str | None = None
+    token_reduction: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     verify: bool = True
     device: int = 0
@@ -159,9 +165,10 @@ class ImageInput:
 class Answer:
     """One answer. timings are milliseconds: decode_ms (reading and decoding the images),
     preprocess_ms (FOV crop, tiling), vision_ms (tile embeddings + layout; 0 when the image
-    prefix was reused), prefill_ms (image prefix, when not reused, plus the question text),
-    generate_ms (sampling the answer after prefill), first_token_ms (call start to the first
-    token), total_ms. cached_prefix: whether the image prefix came from the KV cache.
+    prefix was reused; layout_ms of it: laying out and reducing the visual tokens),
+    prefill_ms (image prefix, when not reused, plus the question text), generate_ms (sampling
+    the answer after prefill), first_token_ms (call start to the first token), total_ms.
+    cached_prefix: whether the image prefix came from the KV cache.
     """
 
     text: str
@@ -223,14 +230,24 @@ def max_visual_tokens(config: PreprocessConfig) -> int:
     return n * n + most
 
 
-def default_n_ctx(manifest: Manifest, config: PreprocessConfig) -> int:
-    """Enough positions for the largest image plan plus TEXT_ROOM (multiple of 256), capped at
-    the model's trained context (Phi-3.5: at most 4096)."""
-    want = -(-(max_visual_tokens(config) + TEXT_ROOM) // 256) * 256
+def default_n_ctx(manifest: Manifest, config: PreprocessConfig, budget: TokenBudget | None = None) -> int:
+    """Enough positions for the largest image plan (after the token budget) plus TEXT_ROOM
+    (multiple of 256), capped at the model's trained context (Phi-3.5: at most 4096). The KV
+    cache is n_ctx positions (Phi-3.5 has no GQA: 384 KiB per position in F16), so a budget
+    lowers peak memory too."""
+    most = max_kept_tokens(max_visual_tokens(config), config, budget)
+    want = -(-(most + TEXT_ROOM) // 256) * 256
     cap = int(manifest.model.get("context_length") or manifest.model.get("max_position_embeddings") or 4096)
     if manifest.model.get("llm_arch") == "phi3":
         cap = min(cap, PHI3_MAX_CTX)
     return max(256, min(want, cap))
+
+
+def token_budget(manifest: Manifest, visual_tokens: object = None, method: str | None = None) -> TokenBudget:
+    """The bundle's baked budget (`manifest.budget`) with run-time overrides applied."""
+    baked = TokenBudget.from_dict(getattr(manifest, "budget", None) or {})
+    k = baked.visual_tokens if visual_tokens is None else parse_visual_tokens(visual_tokens)  # type: ignore[arg-type]
+    return TokenBudget(k, method or baked.method)
 
 
 def _sha256_bytes(data: bytes | bytearray | memoryview) -> str:
@@ -306,6 +323,7 @@ class Pipeline:
         lm: LlamaCppLM,
         newline: np.ndarray,
         llm_entry: FileEntry,
+        budget: TokenBudget | None = None,
     ) -> None:
         self.bundle = bundle
         self.manifest = manifest
@@ -315,10 +333,14 @@ class Pipeline:
         self.lm = lm
         self.newline = newline
         self.llm_entry = llm_entry
+        self.budget = budget if budget is not None else TokenBudget()
         self.template = get_template(manifest.prompt.template)
         self.digest = manifest.digest()
-        self._preprocess_key = json.dumps(preprocess.to_dict(), sort_keys=True)
+        self._preprocess_key = json.dumps(
+            {**preprocess.to_dict(), "token_budget": self.budget.to_dict()}, sort_keys=True
+        )
         self._prefix: _Prefix | None = None
+        self._layout_ms = 0.0
         self._lock = threading.RLock()
         # Cross-request image prefixes (see prefix_cache.py); None: only the last one, in the KV.
         self.prefix_cache: PrefixCache | None = None
@@ -354,6 +376,10 @@ class Pipeline:
                 preprocess = preprocess.replace(max_tiles=opts.max_tiles)
             except ValueError as e:
                 raise BundleError(f"{root}: max_tiles={opts.max_tiles} does not fit this bundle ({e})") from e
+        try:
+            budget = token_budget(manifest, opts.visual_tokens, opts.token_reduction)
+        except ValueError as e:
+            raise BundleError(f"{root}: {e}") from e
         check = (lambda entries: verify_entries(root, entries)) if opts.verify else None
 
         llm_entry = choose_llm(manifest, opts.llm)
@@ -372,7 +398,7 @@ class Pipeline:
             check=check,
             progress=progress,
         )
-        n_ctx = opts.n_ctx or default_n_ctx(manifest, preprocess)
+        n_ctx = opts.n_ctx or default_n_ctx(manifest, preprocess, budget)
         lm = LlamaCppLM(
             root / llm_entry.path,
             LLMOptions(
@@ -392,7 +418,7 @@ class Pipeline:
         except BundleError:
             lm.close()
             raise
-        return cls(root, manifest, opts, preprocess, vision, lm, newline, llm_entry)
+        return cls(root, manifest, opts, preprocess, vision, lm, newline, llm_entry, budget)
 
     def close(self) -> None:
         """Free the llama.cpp context and model (and a TensorRT engine)."""
@@ -415,6 +441,11 @@ class Pipeline:
         return (
             f"{self.vision.describe()}; llm: llama.cpp {self.llm_entry.precision} "
             f"({self.llm_entry.path}) on {self.lm.describe_device()}, n_ctx {self.lm.n_ctx}"
+            + (
+                ""
+                if self.budget.is_full
+                else f"; visual tokens {self.budget.visual_tokens} ({self.budget.method})"
+            )
         )
 
     # ------------------------------------------------------------------ images
@@ -460,9 +491,11 @@ class Pipeline:
                 f"{self.lm.n_embd} (vision and LLM files from different models?)"
             )
         out, start = [], 0
+        t = time.perf_counter()
         for plan in plans:
-            out.append(layout_image(embeds[start : start + plan.n_tiles], plan, self.newline))
+            out.append(reduce_image(embeds[start : start + plan.n_tiles], plan, self.newline, self.budget))
             start += plan.n_tiles
+        self._layout_ms = 1000.0 * (time.perf_counter() - t)
         return out
 
     def encode_images(
@@ -543,6 +576,7 @@ class Pipeline:
                 t_vis = time.perf_counter()
                 timings["preprocess_ms"] = 1000.0 * (t_pre - t)
                 timings["vision_ms"] = 1000.0 * (t_vis - t_pre)
+                timings["layout_ms"] = self._layout_ms if inputs else 0.0
                 parts: list[str | np.ndarray] = []
                 for text, seq in zip(pieces[:-1], sequences, strict=True):
                     parts += [text, seq]
@@ -675,4 +709,5 @@ __all__ = [
     "decode_source",
     "default_n_ctx",
     "max_visual_tokens",
+    "token_budget",
 ]

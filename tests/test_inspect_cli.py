@@ -37,3 +37,20 @@ def test_inspect_budget_and_presets(shared_data):
 def test_inspect_usage_errors(shared_data):
     r = CliRunner().invoke(main, ["inspect", str(shared_data / "hrf/images/01_dr.JPG"), "--preset", "nope"])
     assert r.exit_code == 2 and "unknown preset" in r.output
+
+
+def test_inspect_kept_tokens_and_prefill_estimate_follow_the_budget(shared_data):
+    fundus = str(shared_data / "hrf/images/01_dr.JPG")
+
+    def row(*args):
+        r = CliRunner().invoke(main, ["inspect", fundus, "--json", *args])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)[0]
+
+    full, quarter, fast = row(), row("--visual-tokens", "25%"), row("--budget", "fast")
+    assert full["kept_tokens"] == full["visual_tokens"] == 3677 and full["token_reduction"] is None
+    assert quarter["tiles"] == 7 and quarter["kept_tokens"] <= 0.25 * 3677
+    assert fast["tiles"] <= 3 and fast["kept_tokens"] < quarter["kept_tokens"]
+    assert 0 < fast["estimated_prefill_s"] < quarter["estimated_prefill_s"] < full["estimated_prefill_s"]
+    bad = CliRunner().invoke(main, ["inspect", fundus, "--visual-tokens", "lots"])
+    assert bad.exit_code == 2 and "count" in bad.output

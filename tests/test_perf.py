@@ -437,6 +437,10 @@ def test_run_perf_end_to_end_on_the_tiny_bundle(tiny_bundle, tiny_checkpoint, sm
         accuracy_data=bench,
         accuracy_limit=2,
         quick_probe=True,
+        visual_tokens=(0.5,),
+        token_methods=("pool",),
+        kv_variants=False,
+        token_repeats=1,
     )
     report = run_perf(opts)
     assert report["config"]["llm_layers"] == report["config"]["full_llm_layers"]  # tiny: no extrapolation
@@ -462,6 +466,12 @@ def test_run_perf_end_to_end_on_the_tiny_bundle(tiny_bundle, tiny_checkpoint, sm
     ):
         assert report["ratios"][key] is not None and math.isfinite(report["ratios"][key]), key
     assert report["config"]["backends"]["llm_default"] == "q4_k_m"
+    tokens = {r["name"]: r for r in report["token_budgets"]}
+    assert set(tokens) == {"full", "50% pool", "fast pool"}
+    assert tokens["50% pool"]["n_image_tokens"] < tokens["full"]["n_image_tokens"]
+    assert tokens["full"]["n_prompt"] == ours["n_prompt"]
+    assert all(r["accuracy_n"] == 2 and 0.0 <= r["accuracy"] <= 1.0 for r in tokens.values())
+    assert report["token_budget_summary"]["default"] in tokens
     json.dumps(report)
 
 

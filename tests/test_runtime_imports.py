@@ -13,6 +13,7 @@ RUNTIME_MODULES = [
     "eyecare_edge.images",
     "eyecare_edge.preprocess",
     "eyecare_edge.layout",
+    "eyecare_edge.reduce",
     "eyecare_edge.bundle",
     "eyecare_edge.prompts",
     "eyecare_edge.bench.loaders",

@@ -13,16 +13,15 @@ import torch.nn.functional as F
 from eyecare_edge.preprocess import TilePlan, unpadded_map
 
 
-def layout_image(embeds: torch.Tensor, plan: TilePlan, newline: torch.Tensor) -> torch.Tensor:
-    """[T, n, d] tile embeddings -> [plan.visual_tokens, d]."""
+def layout_parts(embeds: torch.Tensor, plan: TilePlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Global view's tokens [n, d] and the compressed patch map [ch, cw, d] (None: single tile)."""
     t, n, d = embeds.shape
     if t != plan.n_tiles or n != plan.tokens_per_tile:
         raise ValueError(
             f"embeddings {tuple(embeds.shape)} do not match the plan ({plan.n_tiles} x {plan.tokens_per_tile})"
         )
-    newline = newline.to(embeds.dtype).reshape(1, d)
     if plan.mode == "single":
-        return torch.cat([embeds[0], newline], dim=0)
+        return embeds[0], None
     side = round(n**0.5)
     rows, cols = plan.grid
     merged = (
@@ -35,9 +34,23 @@ def layout_image(embeds: torch.Tensor, plan: TilePlan, newline: torch.Tensor) ->
     fmap = merged[top:bottom, left:right]
     ch, cw = plan.compressed_map
     if (ch, cw) != tuple(fmap.shape[:2]):
-        fmap = F.interpolate(
-            fmap.permute(2, 0, 1)[None], size=(ch, cw), mode="bilinear", align_corners=False
-        )[0]
-        fmap = fmap.permute(1, 2, 0)
+        fmap = bilinear(fmap, ch, cw)
+    return embeds[0], fmap
+
+
+def bilinear(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """[H, W, d] map resized like `eyecare_edge.layout.bilinear_resize`."""
+    y = F.interpolate(x.permute(2, 0, 1)[None], size=(out_h, out_w), mode="bilinear", align_corners=False)
+    return y[0].permute(1, 2, 0)
+
+
+def layout_image(embeds: torch.Tensor, plan: TilePlan, newline: torch.Tensor) -> torch.Tensor:
+    """[T, n, d] tile embeddings -> [plan.visual_tokens, d]."""
+    global_tokens, fmap = layout_parts(embeds, plan)
+    d = embeds.shape[2]
+    newline = newline.to(embeds.dtype).reshape(1, d)
+    if fmap is None:
+        return torch.cat([global_tokens, newline], dim=0)
+    ch, cw = fmap.shape[:2]
     with_newlines = torch.cat([fmap, newline.expand(ch, 1, d)], dim=1)
-    return torch.cat([embeds[0], with_newlines.reshape(ch * (cw + 1), d)], dim=0)
+    return torch.cat([global_tokens, with_newlines.reshape(ch * (cw + 1), d)], dim=0)

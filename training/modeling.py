@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from eyecare_edge.training.config import EyecareGPTConfig
 from eyecare_edge.training.layout import layout_image
+from eyecare_edge.training.reduce import reduce_image
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as init
@@ -29,6 +30,7 @@ from transformers.models.siglip.modeling_siglip import (
 )
 
 from eyecare_edge.preprocess import TilePlan, plan_image
+from eyecare_edge.reduce import TokenBudget
 
 
 class SiglipTower(SiglipPreTrainedModel):
@@ -137,12 +139,21 @@ class EyecareGPTForConditionalGeneration(EyecareGPTPreTrainedModel):
         return plans
 
     def image_features(
-        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, image_n_tiles: torch.Tensor
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        image_n_tiles: torch.Tensor,
+        budget: TokenBudget | None = None,
     ) -> list[torch.Tensor]:
-        """Visual token sequences, one [visual_tokens, d] tensor per image, in input order."""
+        """Visual token sequences, one [visual_tokens, d] tensor per image, in input order;
+        with a token `budget`, the reduced sequences the runtime reads (`training.reduce`)."""
         plans = self.plans_for(image_sizes, image_n_tiles)
         embeds = self.encode_tiles(pixel_values)
         chunks = torch.split(embeds, [p.n_tiles for p in plans], dim=0)
+        if budget is not None:
+            return [
+                reduce_image(c, p, self.image_newline, budget) for c, p in zip(chunks, plans, strict=True)
+            ]
         return [layout_image(c, p, self.image_newline) for c, p in zip(chunks, plans, strict=True)]
 
     def embed_inputs(

@@ -84,6 +84,18 @@ _RUNTIME_OPTIONS: list[Callable[[Any], Any]] = [
         help="Token budget: at most N patch tiles per image.",
     ),
     click.option(
+        "--visual-tokens",
+        default=None,
+        help="Visual tokens per image: a count (800), a fraction (0.25 or 25%), or 'all' "
+        "[the bundle's budget]; n_ctx follows.",
+    ),
+    click.option(
+        "--token-reduction",
+        type=click.Choice(["pool", "diverse"]),
+        default=None,
+        help="How kept visual tokens are chosen [the bundle's, else pool].",
+    ),
+    click.option(
         "--max-pixels",
         type=click.IntRange(min=1),
         default=None,
@@ -123,6 +135,8 @@ def pipeline_options(values: dict[str, Any]):
         flash_attn=v.pop("flash_attn"),
         fundus_crop=v.pop("fundus_crop"),
         max_tiles=v.pop("max_tiles"),
+        visual_tokens=v.pop("visual_tokens"),
+        token_reduction=v.pop("token_reduction"),
         verify=not v.pop("no_verify"),
         build_engine=not v.pop("no_engine_build"),
     )

@@ -39,7 +39,30 @@ import click
     help="Resolve image paths against this folder instead of the data file's.",
 )
 @click.option("--threads", type=int, default=None, help="CPU threads for vision and LLM.")
-def bench(bundle, data, out_dir, variants, reference, limit, tasks, images_root, threads) -> None:
+@click.option(
+    "--visual-tokens",
+    default=None,
+    help="Visual tokens per image: a count (800), a fraction (0.25 or 25%), or 'all' [the bundle's budget].",
+)
+@click.option(
+    "--token-reduction",
+    type=click.Choice(["pool", "diverse"]),
+    default=None,
+    help="How kept visual tokens are chosen [the bundle's, else pool].",
+)
+def bench(
+    bundle,
+    data,
+    out_dir,
+    variants,
+    reference,
+    limit,
+    tasks,
+    images_root,
+    threads,
+    visual_tokens,
+    token_reduction,
+) -> None:
     """Score BUNDLE on DATA (project JSONL, LLaVA JSON or OmniMedVQA records).
 
     \b
@@ -76,22 +99,35 @@ def bench(bundle, data, out_dir, variants, reference, limit, tasks, images_root,
     all_results = []
     t0 = time.perf_counter()
     digest = manifest.digest()
+    budget_tag = "".join(
+        f",{k}={v}" for k, v in (("tokens", visual_tokens), ("reduction", token_reduction)) if v is not None
+    )
     for v in chosen:
-        click.echo(f"[{time.perf_counter() - t0:6.1f}s] {v.name}: {len(records)} items", err=True)
+        name, slug = (
+            v.name + budget_tag,
+            v.slug + budget_tag.replace(",", "_").replace("=", "-").replace("%", "pct"),
+        )
+        click.echo(f"[{time.perf_counter() - t0:6.1f}s] {name}: {len(records)} items", err=True)
         try:
             pipe = Pipeline.load(
-                bundle, vision_precision=v.vision, llm=v.llm, n_threads=threads, vision_threads=threads
+                bundle,
+                vision_precision=v.vision,
+                llm=v.llm,
+                n_threads=threads,
+                vision_threads=threads,
+                visual_tokens=visual_tokens,
+                token_reduction=token_reduction,
             )
         except Exception as e:
             raise click.ClickException(f"cannot load {v.name}: {e}") from e
         click.echo(f"  {pipe.describe()}", err=True)  # where each half runs
         with pipe:
             all_results += _run(
-                v.name,
+                name,
                 bundle_answerer(pipe),
                 records,
-                results_dir / f"{v.slug}.jsonl",
-                f"{digest}:{v.slug}",
+                results_dir / f"{slug}.jsonl",
+                f"{digest}:{slug}",
                 run_system,
             )
     ref_name = None

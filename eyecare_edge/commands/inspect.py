@@ -27,9 +27,25 @@ from eyecare_edge.commands.common import resolve_preprocess
     help="Use a bundle's preprocessing.",
 )
 @click.option("--max-tiles", type=int, default=None, help="Token budget: at most N patch tiles.")
+@click.option(
+    "--visual-tokens",
+    default=None,
+    help="Visual tokens per image the LLM reads: a count, a fraction (0.25 or 25%), or 'all' "
+    "[a bundle's budget, else all].",
+)
+@click.option("--token-reduction", type=click.Choice(["pool", "diverse"]), default=None)
+@click.option(
+    "--budget",
+    type=click.Choice(["full", "balanced", "fast"]),
+    default=None,
+    help="A named budget of `export --budget` (tiles + kept tokens).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per image (frame).")
-def inspect_images(images, preset, checkpoint, bundle, max_tiles, as_json) -> None:
-    """Decode info and the anyres plan (grid, tiles, visual tokens) of each image.
+def inspect_images(
+    images, preset, checkpoint, bundle, max_tiles, visual_tokens, token_reduction, budget, as_json
+) -> None:
+    """Decode info, the anyres plan (grid, tiles, visual tokens), the tokens kept under the
+    token budget and an estimated LLM prefill time on this machine, for each image.
 
     \b
     Example:
@@ -38,8 +54,24 @@ def inspect_images(images, preset, checkpoint, bundle, max_tiles, as_json) -> No
     """
     from eyecare_edge.images import ImageError, load_images
     from eyecare_edge.preprocess import plan_image
+    from eyecare_edge.reduce import NAMED_BUDGETS, kept_tokens
 
     config = resolve_preprocess(preset=preset, checkpoint=checkpoint, bundle=bundle, max_tiles=max_tiles)
+    named = NAMED_BUDGETS[budget] if budget else {}
+    if named.get("max_tiles") is not None and max_tiles is None:
+        config = config.replace(max_tiles=named["max_tiles"])
+    reduction, shape = resolve_reduction(
+        preset,
+        checkpoint,
+        bundle,
+        visual_tokens or named.get("visual_tokens"),
+        token_reduction or named.get("method"),
+    )
+    gflops = None
+    if shape is not None:
+        from eyecare_edge.perf.estimate import measure_matmul_gflops
+
+        gflops = measure_matmul_gflops()
     rows: list[dict] = []
     for path in images:
         try:
@@ -63,6 +95,9 @@ def inspect_images(images, preset, checkpoint, bundle, max_tiles, as_json) -> No
                     "canvas": [plan.canvas[1], plan.canvas[0]],
                     "tiles": plan.n_tiles,
                     "visual_tokens": plan.visual_tokens,
+                    "kept_tokens": kept_tokens(plan, reduction),
+                    "token_reduction": None if reduction.is_full else reduction.method,
+                    "estimated_prefill_s": _prefill_s(shape, kept_tokens(plan, reduction), gflops),
                     "feature_map": list(plan.feature_map),
                     "compressed_map": list(plan.compressed_map),
                 }
@@ -79,7 +114,48 @@ def inspect_images(images, preset, checkpoint, bundle, max_tiles, as_json) -> No
             click.echo(
                 f"{r['path']}{frame}: {r['format']} {r['mode']} {r['width']}x{r['height']}{meta}\n"
                 f"  grid {r['grid'][0]}x{r['grid'][1]} (cols x rows), {r['tiles']} tiles incl. global view, "
-                f"{r['visual_tokens']} visual tokens"
+                f"{r['visual_tokens']} visual tokens, {r['kept_tokens']} kept"
+                + (f" ({r['token_reduction']})" if r["token_reduction"] else "")
+                + (
+                    f"; LLM image prefill ~{r['estimated_prefill_s']:.1f} s on this machine (estimate)"
+                    if r["estimated_prefill_s"] is not None
+                    else ""
+                )
             )
     if any("error" in r for r in rows):
         sys.exit(3)
+
+
+def resolve_reduction(preset, checkpoint, bundle, visual_tokens, method):
+    """(TokenBudget, LLM shape for the estimate or None): a bundle's baked budget with the
+    options applied; the shape of the bundle's / checkpoint's / preset's LLM."""
+    from eyecare_edge.perf.costs import shapes_from_config
+    from eyecare_edge.perf.estimate import llm_shape_for
+    from eyecare_edge.reduce import TokenBudget, parse_visual_tokens
+
+    baked: dict = {}
+    shape = None
+    try:
+        if bundle is not None:
+            from eyecare_edge.bundle import read_manifest
+
+            m = read_manifest(bundle)
+            baked = m.budget
+            shape = llm_shape_for(m.model.get("preset"), m.model.get("llm_layers"))
+        elif checkpoint is not None:
+            shape = shapes_from_config(json.loads((checkpoint / "config.json").read_text()))[0]
+        else:
+            shape = llm_shape_for(preset or "eyecare-3.8b")
+        base = TokenBudget.from_dict(baked)
+        k = base.visual_tokens if visual_tokens is None else parse_visual_tokens(visual_tokens)
+        return TokenBudget(k, method or base.method), shape
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+
+
+def _prefill_s(shape, n_tokens: int, gflops: float | None) -> float | None:
+    if shape is None or not gflops:
+        return None
+    from eyecare_edge.perf.estimate import prefill_seconds
+
+    return round(prefill_seconds(shape, n_tokens, gflops), 2)

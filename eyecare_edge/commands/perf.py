@@ -21,6 +21,18 @@ def _ints(value: str) -> tuple[int, ...]:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
 
 
+def _token_budgets(value: str) -> tuple[float | int, ...]:
+    from eyecare_edge.reduce import TokenBudget, parse_visual_tokens
+
+    try:
+        out = tuple(parse_visual_tokens(v) for v in _csv(value))
+        for v in out:
+            TokenBudget(v)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--visual-tokens") from None
+    return tuple(v for v in out if v is not None and v != 1.0)
+
+
 @click.command("perf")
 @click.option(
     "--preset",
@@ -107,6 +119,19 @@ def _ints(value: str) -> tuple[int, ...]:
 @click.option(
     "--proposed", is_flag=True, help="Also run end to end with the settings this benchmark proposes."
 )
+@click.option(
+    "--visual-tokens",
+    default="0.5,0.25,0.15,0.1",
+    show_default=True,
+    help="Visual-token budgets (fractions or counts per image) for the budget x method table, or 'none'.",
+)
+@click.option(
+    "--token-methods",
+    default="pool,diverse",
+    show_default=True,
+    help="Token reduction methods for the budget x method table.",
+)
+@click.option("--no-kv-variants", is_flag=True, help="Do not time the KV cache types at the default budget.")
 @click.option("--check-targets", is_flag=True, help="Exit with code 1 when a target is missed.")
 def perf(
     preset,
@@ -131,6 +156,9 @@ def perf(
     accuracy_limit,
     sweep,
     proposed,
+    visual_tokens,
+    token_methods,
+    no_kv_variants,
     check_targets,
 ) -> None:
     """Measure TTFT, prefill and decode speed, vision per tile and peak memory of the runtime
@@ -157,6 +185,12 @@ def perf(
         )
     if (accuracy_bundle or accuracy_ckpt) and accuracy_data is None:
         raise click.UsageError("--accuracy-bundle/--accuracy-ckpt need --accuracy-data BENCH.jsonl")
+    methods = _csv(token_methods)
+    unknown = [m for m in methods if m not in ("pool", "diverse")]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown method(s) {unknown}; known: pool, diverse", param_hint="--token-methods"
+        )
     opts = PerfOptions(
         preset=preset,
         bundle=bundle,
@@ -179,6 +213,9 @@ def perf(
         accuracy_limit=accuracy_limit,
         sweep=sweep,
         proposed=proposed,
+        visual_tokens=_token_budgets(visual_tokens),
+        token_methods=methods,
+        kv_variants=not no_kv_variants,
     )
 
     def progress(msg: str) -> None:

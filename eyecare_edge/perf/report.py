@@ -30,6 +30,9 @@ TARGETS: list[tuple[str, str, str, float]] = [
     ("TTFT >= 1.2x transformers BF16", "ttft_speedup_vs_bf16", ">=", 1.2),
     ("fast budget TTFT <= 20 s at full depth", "fast_budget_ttft_s_full", "<=", 20.0),
     ("runtime peak RSS <= 1.3x the bundle files it loaded", "peak_rss_over_bundle", "<=", 1.3),
+    ("default token budget TTFT <= 0.3x full-token TTFT", "ttft_default_over_full", "<=", 0.3),
+    ("fast token budget TTFT <= 0.12x full-token TTFT", "ttft_fast_over_full", "<=", 0.12),
+    ("default budget within 1 point of full-token accuracy", "accuracy_delta_default_points", ">=", -1.0),
 ]
 GPU_TARGETS: list[tuple[str, str, str, float]] = [
     ("GPU vision >= 3x torch eager FP16 per tile", "gpu_vision_speedup_vs_fp16", ">=", 3.0),
@@ -496,6 +499,13 @@ def build_report(raw: dict) -> dict:
         }
     ratios = compute_ratios(vision, llm, e2e, budgets, memory, full=True)
     ratios_measured = compute_ratios(vision, llm, e2e, budgets, memory, full=False)
+    from eyecare_edge.perf import tokens as token_table
+
+    token_rows = token_table.token_rows(raw, model, _split_ttft, _ttft_full, memory_summary)
+    token_summary, token_ratios = token_table.token_summary(token_rows)
+    if token_ratios.get("peak_rss_over_bundle") is not None:  # at the default budget from now on
+        ratios["peak_rss_over_bundle_full_tokens"] = ratios.get("peak_rss_over_bundle")
+    ratios.update({k: v for k, v in token_ratios.items() if v is not None or k not in ratios})
     if _ok(gpu_tile):
         ratios["gpu_ttft_one_tile_ms"] = gpu_tile["timings"].get("first_token_ms")
     gpu_present = bool(raw.get("gpu", {}).get("present"))
@@ -532,6 +542,11 @@ def build_report(raw: dict) -> dict:
         "llm": llm,
         "end_to_end": e2e,
         "budgets": budgets,
+        "token_budgets": token_rows,
+        "token_budget_summary": {
+            **token_summary,
+            "accuracy": {k: v for k, v in (raw.get("token_accuracy") or {}).items() if k != "rows"},
+        },
         "accuracy": {k: v for k, v in (raw.get("accuracy") or {}).items() if k != "rows"},
         "memory": memory,
         "sweep": sweep_rows(raw),
@@ -766,6 +781,10 @@ def render_table(report: dict) -> str:
             f"Memory: eyecare-edge proposed peak RSS {_f(mp['peak_rss_bytes'] / MB, '{:.0f}')} MB "
             f"(x{_f(mp.get('peak_rss_over_bundle'), '{:.2f}')}); full depth x{_f(mp.get('peak_rss_over_bundle_full'), '{:.2f}')}"
         )
+    if report.get("token_budgets"):
+        from eyecare_edge.perf.tokens import render_token_table
+
+        lines += render_token_table(report["token_budgets"], report.get("token_budget_summary") or {}, _f)
     if report.get("sweep"):
         lines += ["", "llama.cpp settings (default weight type)"]
         lines += _table(

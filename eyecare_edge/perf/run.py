@@ -28,6 +28,7 @@ from eyecare_edge.perf.build import DEFAULT_LLM, DEFAULT_VISION, GPU_VISION, Bui
 from eyecare_edge.perf.machine import load_average, probe_machine, reprobe
 from eyecare_edge.perf.rss import ChildError, run_in_child
 from eyecare_edge.perf.runtime import DEFAULT_QUESTION
+from eyecare_edge.perf.tokens import TOKEN_FRACTIONS, TOKEN_METHODS
 
 DEFAULT_WORKDIR = Path("~/.cache/eyecare-edge/perf").expanduser()
 PHANTOM_SIZE = (3504, 2336)  # (width, height) of the HRF fundus photographs
@@ -94,6 +95,11 @@ class PerfOptions:
     build_vision: tuple[str, ...] = DEFAULT_VISION
     build_llm: tuple[str, ...] = DEFAULT_LLM
     calibration_images: int = 4
+    # visual-token budgets x reduction methods (see perf/tokens.py); () = skip the table
+    visual_tokens: tuple[float | int, ...] = TOKEN_FRACTIONS
+    token_methods: tuple[str, ...] = TOKEN_METHODS
+    kv_variants: bool = True
+    token_repeats: int = 2  # asks per budget row, fastest kept (a shared 2-core machine is noisy)
 
 
 @dataclass
@@ -112,6 +118,8 @@ class RunState:
     references: list[dict] = field(default_factory=list)
     budgets: list[dict] = field(default_factory=list)
     accuracy: dict = field(default_factory=dict)
+    token_budgets: list[dict] = field(default_factory=list)
+    token_accuracy: dict = field(default_factory=dict)
     sweep: list[dict] = field(default_factory=list)
     gpu: dict = field(default_factory=dict)
     gpu_one_tile: dict = field(default_factory=dict)
@@ -459,6 +467,12 @@ def run_perf(opts: PerfOptions, progress: Callable[[str], None] = lambda m: None
     state.accuracy = _accuracy(runner, opts, threads)
     runner.stage("accuracy", t)
 
+    # visual-token budgets x methods: speed here, accuracy on the trained bundle, KV types
+    if opts.visual_tokens:
+        t = time.perf_counter()
+        _token_budgets(runner, opts, bundle, image, manifest, box)
+        runner.stage("token_budgets", t)
+
     # llama.cpp settings sweep (optional)
     if opts.sweep:
         t = time.perf_counter()
@@ -742,3 +756,91 @@ def write_json(report: dict, path: str | os.PathLike[str]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
     return out
+
+
+def _token_budgets(
+    runner: Runner, opts: PerfOptions, bundle: Path, image: Path, manifest, box: float
+) -> None:
+    """The budget x method table's raw rows: one TTFT child per budget (fastest of
+    `token_repeats` asks), closed-QA accuracy per budget on --accuracy-bundle, then the KV cache
+    variants at the default budget the rule picks."""
+    from eyecare_edge.images import load_image
+    from eyecare_edge.perf.tokens import KV_VARIANTS, choose_default, pipeline_overrides, token_grid
+    from eyecare_edge.preprocess import plan_image
+    from eyecare_edge.reduce import TokenBudget, kept_tokens
+
+    state = runner.state
+    grid = token_grid(tuple(opts.visual_tokens), tuple(opts.token_methods))
+    base = {"n_threads": opts.threads, "vision_threads": opts.threads}
+    bundle_tiles = manifest.preprocess_config().max_tiles
+
+    def timed(name: str, overrides: dict) -> dict:
+        return runner.child(
+            f"tokens {name}",
+            "eyecare_edge.perf.runtime:measure_pipeline",
+            {
+                "bundle": str(bundle),
+                "image": str(image),
+                "question": opts.question,
+                "n_decode": 1,
+                "options": {**base, **overrides},
+                "time_box_s": box,
+                "repeats": opts.token_repeats,
+            },
+        )
+
+    # every row (the full-token one too) timed the same way: warm LLM, fastest of the repeats
+    rows = [{**row, "result": timed(row["name"], pipeline_overrides(row, bundle_tiles))} for row in grid]
+    state.token_budgets = rows
+
+    if opts.accuracy_bundle is not None and opts.accuracy_data is not None:
+        res = runner.child(
+            "tokens accuracy",
+            "eyecare_edge.perf.tokens:closed_qa_by_budget",
+            {
+                "bundle": str(opts.accuracy_bundle),
+                "bench": str(opts.accuracy_data),
+                "grid": grid,
+                "limit": opts.accuracy_limit,
+                "options": base,
+            },
+        )
+        state.token_accuracy = {"source": str(opts.accuracy_bundle), "data": str(opts.accuracy_data)}
+        state.token_accuracy.update(
+            {"error": res["error"]} if "error" in res else {"rows": res.get("value", [])}
+        )
+    else:
+        state.token_accuracy = {"skipped": "no --accuracy-bundle/--accuracy-data (a trained demo bundle)"}
+
+    if not opts.kv_variants:
+        return
+    # the default budget by the rule, on this image's kept-token counts
+    h, w = load_image(image).rgb.shape[:2]
+    pre = manifest.preprocess_config()
+    acc = {r["name"]: r for r in state.token_accuracy.get("rows", [])}
+    tokens = []
+    for row in grid:
+        p = plan_image((h, w), pre.replace(max_tiles=row["max_tiles"]) if row["max_tiles"] else pre)
+        budget = TokenBudget(row["visual_tokens"], row["method"] or "pool")
+        a = acc.get(row["name"], {})
+        tokens.append(
+            {
+                "name": row["name"],
+                "n_image_tokens": kept_tokens(p, budget),
+                "accuracy": a.get("accuracy"),
+                "accuracy_tiles_as_budgeted": a.get("tiles_as_budgeted", True),
+            }
+        )
+    chosen = choose_default(tokens)
+    if chosen is None:
+        from eyecare_edge.reduce import NAMED_BUDGETS
+
+        b = NAMED_BUDGETS["balanced"]
+        chosen = next(
+            (r for r in grid if r["visual_tokens"] == b["visual_tokens"] and r["method"] == b["method"]),
+            grid[0],
+        )
+    row = next(r for r in grid if r["name"] == chosen["name"])
+    for label, change in KV_VARIANTS.items():
+        res = timed(f"{row['name']} {label}", {**pipeline_overrides(row, bundle_tiles), **change})
+        state.token_budgets.append({**row, "kv": label, "result": res})

@@ -237,7 +237,15 @@ def _rebuilt(pipe, *, anyres_max: int | None = None, vision_chunk: int | None = 
     if vision_chunk:
         vision = VisionChoice(ChunkedVision(vision.encoder, vision_chunk), vision.skipped)
     return Pipeline(
-        pipe.bundle, pipe.manifest, pipe.options, pre, vision, pipe.lm, pipe.newline, pipe.llm_entry
+        pipe.bundle,
+        pipe.manifest,
+        pipe.options,
+        pre,
+        vision,
+        pipe.lm,
+        pipe.newline,
+        pipe.llm_entry,
+        pipe.budget,
     )
 
 
@@ -281,8 +289,11 @@ def measure_pipeline(
     save_visual: str | None = None,
     time_box_s: float = 60.0,
     vision_chunk: int | None = None,
+    repeats: int = 1,
 ) -> dict:
-    """`Pipeline.load` + one `ask` about `image`, timed by the pipeline itself.
+    """`Pipeline.load` + one `ask` about `image`, timed by the pipeline itself. repeats > 1:
+    the image is asked about again (its KV prefix forgotten) and the fastest TTFT is kept, for
+    figures that have to be compared on a machine shared with other work.
 
     The vision backend is warmed first (a full `encode_images` when save_visual is given, which
     also saves the visual sequence for `measure_llm`; else one tile), so TTFT is that of a loaded
@@ -300,6 +311,13 @@ def measure_pipeline(
             pipe.vision.encoder.encode(random_tiles(1, pipe.preprocess.tile_size))
         warm_s = time.perf_counter() - t
         answer = pipe.ask(image, question, max_tokens=n_decode)
+        ttfts = [answer.timings["first_token_ms"]]
+        for _ in range(max(int(repeats), 1) - 1):
+            pipe.forget_images()
+            again = pipe.ask(image, question, max_tokens=n_decode)
+            ttfts.append(again.timings["first_token_ms"])
+            if again.timings["first_token_ms"] < answer.timings["first_token_ms"]:
+                answer = again
         rgb_shape = load_image(image).rgb.shape[:2]
         plan = plan_image(rgb_shape, pipe.preprocess)
         out = {
@@ -323,6 +341,7 @@ def measure_pipeline(
             "n_generated": answer.n_generated,
             "stop_reason": answer.stop_reason,
             "timings": answer.timings,
+            "ttft_ms_repeats": ttfts,
             "loaded_files": loaded_files(pipe),
         }
         if n_decode > 1:

@@ -1,0 +1,186 @@
+"""Token budgets in the runtime (on the briefly trained tiny bundle of runtime_fixtures.py).
+
+A budget of 100% is bit-identical to no reduction; the kept-token count is what `inspect`
+predicts; KV reuse gives the answers a fresh evaluation gives; the sequence equals the torch
+mirror's; a budget baked into the manifest applies unless overridden; n_ctx follows the budget.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from runtime_fixtures import FAST, copy_bundle, runtime_assets
+
+from eyecare_edge.bench.loaders import load_bench
+from eyecare_edge.bundle import read_manifest, write_manifest
+from eyecare_edge.cli import main
+from eyecare_edge.images import load_image
+from eyecare_edge.pipeline import Pipeline, default_n_ctx
+from eyecare_edge.reduce import TokenBudget
+
+EXACT = {"llm": "f32", "vision_precision": "fp32", "kv_type": "f32", **FAST}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return runtime_assets(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def records(assets):
+    return load_bench(assets.bench)
+
+
+@pytest.fixture(scope="module")
+def full_pipe(assets):
+    with Pipeline.load(assets.bundle, **EXACT) as pipe:
+        yield pipe
+
+
+def _one_image(records):
+    by_image: dict[str, list[str]] = {}
+    for r in records:
+        if len(r.images) == 1:
+            by_image.setdefault(r.images[0], []).append(r.prompt_text())
+    path, qs = max(by_image.items(), key=lambda kv: len(kv[1]))
+    return path, qs[:3]
+
+
+def test_full_budget_is_bit_identical_to_no_reduction(assets, full_pipe, records):
+    path, qs = _one_image(records)
+    with Pipeline.load(assets.bundle, visual_tokens="all", token_reduction="diverse", **EXACT) as pipe:
+        assert pipe.encode_images(path)[0].tobytes() == full_pipe.encode_images(path)[0].tobytes()
+        assert pipe.lm.n_ctx == full_pipe.lm.n_ctx
+        full_pipe.forget_images()
+        assert pipe.ask(path, qs[0], max_tokens=16).text == full_pipe.ask(path, qs[0], max_tokens=16).text
+
+
+@pytest.mark.parametrize("method", ["pool", "diverse"])
+def test_kept_tokens_match_inspect_and_kv_reuse_is_exact(assets, records, method):
+    path, qs = _one_image(records)
+    with Pipeline.load(assets.bundle, visual_tokens=0.3, token_reduction=method, **EXACT) as pipe:
+        r = CliRunner().invoke(
+            main,
+            [
+                "inspect",
+                path,
+                "--bundle",
+                str(assets.bundle),
+                "--visual-tokens",
+                "0.3",
+                "--token-reduction",
+                method,
+                "--json",
+            ],
+        )
+        assert r.exit_code == 0, r.output
+        row = json.loads(r.output)[0]
+        assert row["kept_tokens"] < row["visual_tokens"]
+        (seq,) = pipe.encode_images(path)
+        assert seq.shape[0] == row["kept_tokens"]
+        fresh = []
+        for q in qs:
+            pipe.forget_images()
+            fresh.append(pipe.ask(path, q, max_tokens=16))
+        pipe.forget_images()
+        reused = [pipe.ask(path, q, max_tokens=16) for q in qs]
+        assert [a.cached_prefix for a in reused] == [False] + [True] * (len(qs) - 1)
+        assert [a.text for a in reused] == [a.text for a in fresh]
+        assert all(a.n_image_tokens == row["kept_tokens"] for a in reused)
+
+
+def test_reduced_sequence_equals_the_torch_mirror(assets, records):
+    import torch
+    from eyecare_edge.training.checkpoint import load_checkpoint
+    from eyecare_edge.training.evaluate import prompt_inputs
+    from eyecare_edge.training.reduce import reduce_image as reduce_torch
+
+    model, tokenizer = load_checkpoint(assets.checkpoint)
+    model.eval()
+    paths = sorted({r.images[0] for r in records})[:4]
+    pipes = {
+        m: Pipeline.load(assets.bundle, visual_tokens=0.3, token_reduction=m, **EXACT)
+        for m in ("pool", "diverse")
+    }
+    try:
+        for path in paths:
+            inputs = prompt_inputs(model, tokenizer, [load_image(path).rgb], "x")
+            (plan,) = model.plans_for(inputs.image_sizes, inputs.image_n_tiles)
+            for method, pipe in pipes.items():
+                with torch.no_grad():
+                    (ref,) = model.image_features(
+                        inputs.pixel_values,
+                        inputs.image_sizes,
+                        inputs.image_n_tiles,
+                        TokenBudget(0.3, method),
+                    )
+                    tiles = model.encode_tiles(inputs.pixel_values)
+                    again = reduce_torch(tiles, plan, model.image_newline, TokenBudget(0.3, method))
+                assert torch.equal(ref, again)
+                ref = ref.numpy()
+                (got,) = pipe.encode_images(path)
+                assert got.shape == ref.shape
+                assert float(np.abs(got - ref).max() / max(1.0, np.abs(ref).max())) <= 1e-4, (path, method)
+    finally:
+        for pipe in pipes.values():
+            pipe.close()
+
+
+def test_baked_budget_applies_unless_overridden_and_sizes_n_ctx(assets, tmp_path, full_pipe):
+    bundle = copy_bundle(assets.bundle, tmp_path / "b")
+    m = read_manifest(bundle)
+    digest = m.digest()
+    m.budget = {"name": "fast", "visual_tokens": 0.2, "method": "diverse"}
+    write_manifest(bundle, m)
+    assert read_manifest(bundle).digest() != digest
+    with Pipeline.load(bundle, **EXACT) as pipe:
+        assert pipe.budget == TokenBudget(0.2, "diverse")
+        assert "visual tokens 0.2 (diverse)" in pipe.describe()
+    with Pipeline.load(bundle, visual_tokens="all", **EXACT) as pipe:
+        assert pipe.budget.is_full
+    pre = m.preprocess_config()
+    assert default_n_ctx(m, pre, TokenBudget(40)) <= default_n_ctx(m, pre)
+    cfg = pre.replace(tile_size=384, patch_size=14, pinpoints=((384, 384), (768, 1152)), max_tiles=None)
+    m.model["context_length"] = 8192
+    assert default_n_ctx(m, cfg, TokenBudget(0.2)) < default_n_ctx(m, cfg)
+    with pytest.raises(Exception, match="fraction"):
+        Pipeline.load(bundle, visual_tokens=2.5, **EXACT)
+
+
+def test_position_schemes_measurement_is_exact_at_full_budget(assets):
+    from eyecare_edge.perf.positions import position_fidelity
+
+    full = position_fidelity(str(assets.checkpoint), str(assets.bench), fraction=1.0, limit=1, threads=1)
+    assert full["n"] == 1
+    schemes = ("compact", "original", "compact, no newlines")
+    assert set(full["rows"]) == {f"{m} {s}" for m in ("pool", "diverse") for s in schemes} | {"full"}
+    for name, row in full["rows"].items():
+        if name.endswith("no newlines"):  # fewer rows than the full sequence: not exact by design
+            continue
+        assert row["mean_kl"] == pytest.approx(0.0, abs=1e-5), name
+        assert row["top1_agreement"] == 1.0
+
+
+def test_export_named_budgets_bake_tiles_and_kept_tokens():
+    from eyecare_edge.export.exporter import ExportOptions, bundle_budget, bundle_preprocess
+
+    from eyecare_edge.preprocess import apply_budget, preset_preprocess
+    from eyecare_edge.reduce import NAMED_BUDGETS
+
+    base = preset_preprocess("eyecare-3.8b")
+    assert bundle_budget(ExportOptions(budget="full")) == {} and bundle_budget(ExportOptions()) == {}
+    assert bundle_preprocess(base, ExportOptions(budget="full")) == base
+    for name in ("balanced", "fast"):
+        b = NAMED_BUDGETS[name]
+        assert bundle_budget(ExportOptions(budget=name)) == {
+            "name": name,
+            "visual_tokens": b["visual_tokens"],
+            "method": b["method"],
+        }
+        assert bundle_preprocess(base, ExportOptions(budget=name)).max_tiles == b["max_tiles"]
+    # the training budget `minimal` is still a preprocessing-only budget
+    assert bundle_preprocess(base, ExportOptions(budget="minimal")) == apply_budget(base, "minimal")
+    assert bundle_budget(ExportOptions(budget="minimal")) == {}

@@ -6,30 +6,11 @@ import logging
 import socket
 import stat
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import click
 
 from eyecare_edge.commands.ask import pipeline_options, runtime_options
-
-
-def _shared_option(name: str) -> bool:
-    """Whether the options `ask` and `screen` share already define `name` (then serve takes it
-    from there instead of defining it twice)."""
-    probe = runtime_options(lambda **kw: None)
-    return any(name in param.opts for param in getattr(probe, "__click_params__", []))
-
-
-def _visual_tokens_option(f):
-    if _shared_option("--visual-tokens"):
-        return f
-    return click.option(
-        "--visual-tokens",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Token budget per image (needs budget support).",
-    )(f)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -150,7 +131,6 @@ def _clinical_config(
     default=None,
     help="Allow image_url local paths, only inside this directory.",
 )
-@_visual_tokens_option
 @click.option(
     "--max-body-mb",
     type=click.FloatRange(min=0.01),
@@ -253,7 +233,6 @@ def serve(
     max_frames: int,
     model_id: str | None,
     log_level: str,
-    visual_tokens: int | None = None,
     **runtime: object,
 ) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API (POST /v1/chat/completions, GET /v1/models,
@@ -280,8 +259,9 @@ def serve(
         sys.exit(1)
     from eyecare_edge.bundle import BundleError, read_manifest
     from eyecare_edge.llm import physical_cores
-    from eyecare_edge.pipeline import Pipeline, PipelineOptions, choose_llm
+    from eyecare_edge.pipeline import Pipeline, choose_llm
     from eyecare_edge.prefix_cache import PrefixCache
+    from eyecare_edge.reduce import parse_visual_tokens
     from eyecare_edge.serve.limits import is_loopback_host
     from eyecare_edge.serve.media import MediaPolicy
 
@@ -295,16 +275,11 @@ def serve(
             f"--host {host} is reachable from other machines; refusing to serve it without an API key "
             "(give --api-key-file FILE or --api-key KEY, or bind 127.0.0.1)"
         )
-    if _shared_option("--visual-tokens"):  # then the shared options turn it into PipelineOptions
-        runtime["visual_tokens"] = visual_tokens
     opts = pipeline_options(runtime)
-    if visual_tokens is not None:
-        if "visual_tokens" not in {f.name for f in fields(PipelineOptions)}:
-            raise click.UsageError(
-                "--visual-tokens: this build's Pipeline has no token budgets (PipelineOptions.visual_tokens); "
-                "use --max-tiles to bound the tiles per image"
-            )
-        opts.visual_tokens = visual_tokens  # type: ignore[attr-defined]
+    try:  # checked before the port opens: a typo should not start a server that then cannot load
+        parse_visual_tokens(opts.visual_tokens)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--visual-tokens") from e
     if opts.n_threads is None:
         opts.n_threads = max(1, physical_cores() // workers)
     if opts.vision_threads is None:

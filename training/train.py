@@ -92,6 +92,7 @@ class TrainOptions:
     labels: list[str] | None = None
     eval_fraction: float = 0.15
     patch_init: bool = False  # PCA init of a random tower's patch embedding (vision_stage)
+    connector_init: bool = False  # align: data-dependent connector init (vision_stage.init_connector_from_data)
 
     def __post_init__(self) -> None:
         if self.stage not in ALL_STAGES:
@@ -417,6 +418,14 @@ def run_training(opts: TrainOptions, *, progress: bool = True) -> TrainResult:
         if args.world_size > 1:
             backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "deepspeed"
             log.info("distributed: %d processes, backend %s", args.world_size, backend)
+
+    if opts.connector_init:
+        from eyecare_edge.training.vision_stage import init_connector_from_data
+
+        tiles = [dataset.build(i)["pixel_values"] for i in range(min(32, len(dataset)))]
+        figures = init_connector_from_data(model, torch.cat(tiles))
+        if is_main:
+            log.info("connector init from %d samples' tiles: %s", len(tiles), figures)
 
     if any(not c.images for c in dataset.items):
         # A text-only batch leaves the connector without gradients: let DDP look for that.

@@ -317,3 +317,31 @@ def run_vision_stage(opts, *, progress: bool = True):
     )
     (out / "train_result.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     return result
+
+
+@torch.no_grad()
+def init_connector_from_data(model, pixel_values: torch.Tensor) -> dict[str, float]:
+    """Data-dependent init of the connector before `align` (after a vision stage changed the tower):
+    the projector's first layer gives centred, unit-variance pre-activations on these tiles, and
+    its output is scaled to the RMS norm of the LLM's text embeddings, so the LLM meets visual
+    tokens on the scale of the words it knows. Measured in issue 3's session: "which eye" through
+    a frozen random LLM, 200 steps, 52% without this init, 88% with it."""
+    conn = model.connector
+    states = model.vision_tower(pixel_values)
+    feats = [states[conn.last]]
+    for group in (conn.fine, conn.coarse):
+        if group:
+            feats.append(torch.stack([states[i] for i in group], dim=0).mean(dim=0))
+    x = torch.cat(feats, dim=-1).reshape(-1, conn.mm_projector[0].in_features)
+    first, last = conn.mm_projector[0], conn.mm_projector[2]
+    pre = first(x)
+    mean, std = pre.mean(0), pre.std(0).clamp(min=1e-6)
+    first.weight.div_(std[:, None])
+    first.bias.copy_((first.bias - mean) / std)
+    out = conn.mm_projector(x)
+    emb = model.get_input_embeddings().weight
+    target = emb.norm(dim=-1).mean()
+    scale = target / out.norm(dim=-1).mean().clamp(min=1e-6)
+    last.weight.mul_(scale)
+    last.bias.mul_(scale)
+    return {"text_embedding_norm": float(target), "output_scale": float(scale)}

@@ -34,7 +34,7 @@ class DemoRecipe:
     vision_steps: int = 200
     vision_batch: int = 16
     vision_lr: float = 1e-3
-    align_steps: int = 30
+    align_steps: int = 60
     align_lr: float = 1e-3
     train_steps: int = 120
     train_batch: int = 8
@@ -211,6 +211,7 @@ def _train(steps: _Steps, recipe: DemoRecipe, paths: dict[str, Path]) -> None:
                 out=str(dst),
                 stage=name,
                 tasks=[recipe.train_tasks],
+                connector_init=name == "align",
                 lr=recipe.align_lr if name == "align" else recipe.train_lr,
                 max_steps=n,
                 batch_size=recipe.train_batch,

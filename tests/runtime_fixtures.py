@@ -96,7 +96,7 @@ def build_runtime_assets(base: Path) -> RuntimeAssets:
     from eyecare_edge.training.synthetic import make_phantom_dataset
     from eyecare_edge.training.train import TrainOptions, run_training
 
-    make_phantom_dataset(assets.phantom, PHANTOM_IMAGES, PHANTOM_SEED, bench_fraction=0.25, multi_turn=False)
+    make_phantom_dataset(assets.phantom, PHANTOM_IMAGES, PHANTOM_SEED, bench_fraction=0.25, multi_turn=True)
     _downscale_images(assets.phantom / "images", IMAGE_SIDE)
     init = base / "init"
     threads = torch.get_num_threads()

@@ -101,9 +101,9 @@ def by_kind(
 
 def kind_table(rows: Sequence[KindRow], reference: str) -> str:
     """Markdown: accuracy per kind for every system, chance, and agreement with the reference."""
-    systems = list(rows[-1].accuracy)
-    others = [s for s in systems if s != reference]
-    head = ["question type", "n", "chance", *systems, *(f"same option as {reference}: {s}" for s in others)]
+    others = [s for s in rows[-1].accuracy if s != reference]
+    systems = [reference, *others] if reference in rows[-1].accuracy else others
+    head = ["question type", "n", "chance", *systems, *(f"same option: {s}" for s in others)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.kind, str(r.n), f"{100 * r.chance:.0f}%"]

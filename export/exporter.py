@@ -462,7 +462,8 @@ def export_bundle(
     manifest.validation["export"] = {
         "seconds": round(time.perf_counter() - t0, 1),
         "validated": options.validate,
-        "passed": not ctx.failed,
+        # nothing checked is nothing passed: an unvalidated bundle records None, not True
+        "passed": (not ctx.failed) if options.validate else None,
     }
     write_manifest(root, manifest)
     result = ExportResult(root, manifest, ctx.rows, ctx.failed)

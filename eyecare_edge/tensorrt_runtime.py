@@ -664,7 +664,15 @@ def validate_engine(
         figures["gpu_ms_per_tile"] = (time.perf_counter() - t0) / (5 * opt_tiles) * 1000
     ref_entry = manifest.find("vision", format="onnx", precision="fp32")
     if ref_entry is None:
-        figures.update({"passed": True, "failed": [], "note": "no FP32 ONNX in the bundle to compare with"})
+        # Not compared is not passed: the caller keeps the engine but records it as unvalidated.
+        figures.update(
+            {
+                "passed": None,
+                "validated": False,
+                "failed": [],
+                "note": "not validated: no FP32 ONNX in the bundle to compare with",
+            }
+        )
         return figures
     import onnxruntime as ort
 
@@ -855,7 +863,7 @@ def ensure_engine(
                 {"trt_version": info.trt_version, "compute_capability": info.compute_capability}
             )
             current.validation[f"engine_{precision}"] = validation
-            if not validation["passed"]:
+            if validation["passed"] is False:
                 (root / engine_rel).unlink(missing_ok=True)
                 write_manifest(root, current)
                 raise EngineBuildError(

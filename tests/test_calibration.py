@@ -325,6 +325,42 @@ def test_int8_close_to_fp32_on_heldout_real_tiles(int8, fp32_onnx, heldout):
         assert 1 - fig["cosine_mean"] <= 0.1 * (1 - other["cosine_mean"])
 
 
+def _break_one_weight_scale(src, dst, factor: float = 4.0):
+    """A broken INT8 graph as a calibration bug makes one: one weight GEMM's scales x `factor`."""
+    m = onnx.load(str(src))
+    inits = {t.name: t for t in m.graph.initializer}
+    node = next(n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits)
+    scale = inits[node.input[1]]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(factor), scale.name))
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_int8_gate_separates_a_correct_graph_from_a_broken_one(int8, fp32_onnx, heldout, tmp_path):
+    """The export gate (`error_vs_spread`: RMS error over the RMS difference between different
+    tiles) passes the real INT8 graphs and fails a graph with one wrong weight scale and one that
+    answers for the wrong tile. The old gate alone (plain cosine mean >= 0.99) is met by the
+    wrong-tile answer on a deep random tower (so400m shapes: ~0.99); the ratio is 1.0 there by
+    construction. Measured here: int8 0.06, u8s8 0.09, broken 2.2, wrong tile 1.0."""
+    from eyecare_edge.export.vision_validate import DEFAULT_TOLERANCES
+
+    ref, _ = run_onnx(fp32_onnx, heldout)
+    limit = DEFAULT_TOLERANCES["int8_u8s8"]["error_vs_spread"]
+    good = compare_embeddings(ref, run_onnx(int8["int8"].path, heldout, exact=True)[0])
+    fused = compare_embeddings(ref, run_onnx(int8["int8_u8s8"].path, heldout)[0])
+    broken_path = _break_one_weight_scale(int8["int8"].path, tmp_path / "broken.onnx")
+    broken = compare_embeddings(ref, run_onnx(broken_path, heldout, exact=True)[0])
+    wrong_tile = compare_embeddings(ref, np.roll(ref, 1, axis=0))
+    print(
+        f"error_vs_spread: int8 {good['error_vs_spread']:.3f}, u8s8 {fused['error_vs_spread']:.3f}, "
+        f"broken {broken['error_vs_spread']:.3f} (cosine_mean {broken['cosine_mean']:.4f}), "
+        f"wrong tile {wrong_tile['error_vs_spread']:.3f} (cosine_mean {wrong_tile['cosine_mean']:.4f})"
+    )
+    assert good["error_vs_spread"] <= limit and fused["error_vs_spread"] <= limit
+    assert broken["error_vs_spread"] > limit
+    assert wrong_tile["error_vs_spread"] > limit
+
+
 def test_second_call_is_a_cache_hit_without_touching_the_data(int8, fp32_onnx, calib_tiles, tmp_path):
     first = int8["int8"]
     again = quantize_vision_int8(fp32_onnx, tmp_path / "again.onnx", calib_tiles, cache_dir=int8["cache"])

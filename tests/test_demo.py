@@ -1,5 +1,6 @@
-"""`eyecare-edge demo` end to end on a shrunken recipe: every step runs, the report and screen files
-are written, and a second run reuses every cached step and repeats no answer."""
+"""`eyecare-edge demo` end to end on a shrunken recipe: every step runs (vision -> align -> sft ->
+export -> bench -> screen), the report and screen files are written, a second run reuses every
+cached step and repeats no answer, and a bench whose every item errors makes the demo fail."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ from eyecare_edge.commands import demo as demo_module
 
 def test_demo_runs_every_step_then_reuses_them(tmp_path, monkeypatch):
     small = functools.partial(
-        demo_module.DemoRecipe, n_images=16, train_steps=2, train_batch=2, bench_items=4
+        demo_module.DemoRecipe,
+        n_images=16,
+        vision_steps=2,
+        vision_batch=4,
+        align_steps=1,
+        train_steps=2,
+        train_batch=2,
+        bench_items=4,
     )
     monkeypatch.setattr(demo_module, "DemoRecipe", small)
     workdir = tmp_path / "demo"
@@ -23,7 +31,8 @@ def test_demo_runs_every_step_then_reuses_them(tmp_path, monkeypatch):
     first = CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
     state = json.loads((workdir / "demo_state.json").read_text())
-    assert set(state) == {"data", "train", "export"}
+    assert set(state) == {"data", "vision", "align", "sft", "train", "export"}
+    assert (workdir / "ckpt/tiny-vision/vision_eval.json").is_file()
     assert (workdir / "ckpt/tiny-trained/model.safetensors").is_file()
     assert (workdir / "bundle/manifest.json").is_file()
     rows = json.loads((workdir / "report/report.json").read_text())
@@ -45,9 +54,30 @@ def test_demo_runs_every_step_then_reuses_them(tmp_path, monkeypatch):
 
     second = CliRunner().invoke(main, args)
     assert second.exit_code == 0, second.output
-    for step in ("phantom data: reusing", "trained checkpoint: reusing", "bundle: reusing"):
+    for step in ("phantom data: reusing", "vision: reusing", "align: reusing", "sft: reusing", "bundle: reusing"):
         assert step in second.output
     assert "already done" in second.output
     assert (workdir / "screen.jsonl").read_text().splitlines() == screened
     results = sorted((workdir / "report/results").glob("*.jsonl"))
     assert len(results) == 3 and all(len(p.read_text().splitlines()) == 4 for p in results)
+
+    by_kind = json.loads((workdir / "report/by_kind.json").read_text())
+    assert by_kind["rows"][-1]["kind"] == "all" and by_kind["rows"][-1]["n"] == 4
+    assert all(t["n_errors"] == 0 for t in by_kind["totals"].values())
+
+    # every bench item errors (a broken bundle): the demo must not report success
+    import shutil
+
+    from eyecare_edge.bench import runner
+
+    def broken(pipeline):
+        def answer(images, question, max_tokens):
+            raise RuntimeError("broken bundle")
+
+        return answer
+
+    monkeypatch.setattr(runner, "bundle_answerer", broken)
+    shutil.rmtree(workdir / "report")
+    third = CliRunner().invoke(main, args)
+    assert third.exit_code == 3, third.output
+    assert "bench items failed" in third.output

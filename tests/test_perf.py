@@ -457,6 +457,10 @@ def test_run_perf_end_to_end_on_the_tiny_bundle(tiny_bundle, tiny_checkpoint, sm
     assert set(budgets) == {"N=1", "fast"}
     assert 0.0 <= budgets["N=1"]["accuracy"] <= 1.0 and budgets["N=1"]["accuracy_n"] == 2
     assert budgets["N=1"]["n_image_tokens"] <= ours["n_prompt"]
+    # a smaller budget gives fewer tokens and a shorter prefill than the default run (all tiles)
+    assert ours["n_tiles"] > budgets["N=1"]["n_tiles"]
+    assert budgets["N=1"]["n_prompt"] < ours["n_prompt"] and budgets["fast"]["n_prompt"] < ours["n_prompt"]
+    assert budgets["N=1"]["prefill_ms"] < ours["prefill_ms"]
     for key in (
         "decode_speedup_vs_fp32",
         "decode_fraction_of_bound",

@@ -1349,6 +1349,11 @@ class PhantomDataset:
     bench_counts: dict[str, int] = field(default_factory=dict)  # task -> records
     seconds: float = 0.0
 
+    @property
+    def train_labels(self) -> Path:
+        """Image-level labels of the train images (`train --stage vision`)."""
+        return self.root / "train_labels.jsonl"
+
     def summary(self) -> str:
         b = self.bench_counts
         return (
@@ -1432,6 +1437,30 @@ def truth_record(truth: FundusTruth | OctTruth) -> dict[str, Any]:
     return out
 
 
+def phantom_labels(truth: FundusTruth | OctTruth) -> dict[str, str | None]:
+    """Image-level labels for `train --stage vision`: every attribute a closed question is built
+    from, named like the question types, as class names (None: the attribute does not apply)."""
+    yn = {True: "yes", False: "no"}
+    labels: dict[str, str | None] = dict.fromkeys(LABEL_COLUMNS)
+    labels["modality"] = truth.modality
+    if isinstance(truth, FundusTruth):
+        labels["eye"] = truth.eye
+        labels["disc_side"] = truth.disc_side
+        for kind in ("haemorrhage", "hard_exudate", "cotton_wool_spot", "drusen"):
+            labels[kind] = yn[truth.has(kind)]
+        labels["fundus_diagnosis"] = _fundus_diagnosis(truth)
+        labels["dr_grade"] = str(truth.dr_grade)
+    else:
+        labels["oct_diagnosis"] = truth.condition
+        labels["oct_fluid"] = yn[bool(truth.fluid)]
+        labels["oct_drusen"] = yn[bool(truth.drusen)]
+    return labels
+
+
+# One column per closed question type (QUESTION_TEXTS), in that order.
+LABEL_COLUMNS = tuple(QUESTION_TEXTS)
+
+
 def truth_from_record(record: dict[str, Any]) -> FundusTruth | OctTruth:
     """Rebuild a truth from `truth_record` output (a truth.jsonl line's "truth"); derived keys are ignored."""
     if record.get("modality") == "fundus":
@@ -1466,6 +1495,9 @@ Files
   train.json    Eyecare-100K-style LLaVA conversations for the train images ({n_train} images)
   bench.jsonl   Eyecare-Bench-style items (closed / open / report) for the bench images ({n_bench} images)
   truth.jsonl   full ground truth per image, in field/fraction units and in pixels, with its split
+  train_labels.jsonl, bench_labels.jsonl
+                image-level labels per image set (path + one column per closed question type;
+                null where it does not apply), for `eyecare-edge train --stage vision`
 Image paths inside train.json and bench.jsonl are relative to this folder. An image is either in
 train.json or in bench.jsonl, never both. Every record carries "synthetic": true.
 """
@@ -1509,6 +1541,7 @@ def make_phantom_dataset(
     train: list[dict[str, Any]] = []
     bench_lines: list[str] = []
     truth_lines: list[str] = []
+    label_rows: dict[str, list[dict[str, Any]]] = {"train": [], "bench": []}
     bench_counts = {"closed": 0, "open": 0, "report": 0}
     written: set[str] = set()
     for index, (modality, split) in enumerate(plan):
@@ -1567,6 +1600,7 @@ def make_phantom_dataset(
                         "conversations": turns,
                     }
                 )
+        label_rows[split].append({"id": image_id, "image": rel, **phantom_labels(truth)})
         truth_lines.append(
             json.dumps(
                 {
@@ -1595,6 +1629,10 @@ def make_phantom_dataset(
     train_json.write_text(json.dumps(train, indent=1) + "\n", encoding="utf-8")
     bench_jsonl.write_text("".join(line + "\n" for line in bench_lines), encoding="utf-8")
     truth_jsonl.write_text("".join(line + "\n" for line in truth_lines), encoding="utf-8")
+    for split, rows in label_rows.items():
+        (root / f"{split}_labels.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"
+        )
     n_bench_images = sum(s == "bench" for _, s in plan)
     n_fundus = sum(m == "fundus" for m, _ in plan)
     readme.write_text(

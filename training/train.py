@@ -39,7 +39,9 @@ log = logging.getLogger("eyecare_edge.training")
 TASKS = ("closed", "open", "report")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # Recommended learning rates (LLaVA-NeXT / Dense Connector recipes for a 4B-8B LLM).
-DEFAULT_LR = {"align": 1e-3, "sft": 2e-5, "sft-lora": 2e-4}
+DEFAULT_LR = {"align": 1e-3, "sft": 2e-5, "sft-lora": 2e-4, "vision": 1e-3}
+# `vision` (training.vision_stage) trains the tower on image-level labels, before align and sft.
+ALL_STAGES = ("vision", *STAGES)
 
 
 class TrainingError(Exception):
@@ -59,7 +61,7 @@ class TrainOptions:
     epochs: float | None = None  # neither max_steps nor epochs: 1 epoch
     lr: float | None = None  # None: DEFAULT_LR for the stage
     connector_lr: float | None = None  # None: lr
-    batch_size: int = 4
+    batch_size: int | None = None  # None: 4 for align/sft, 16 for vision (a step is one tower pass)
     grad_accum: int = 1
     lora_r: int | None = None
     lora_alpha: float | None = None
@@ -84,10 +86,23 @@ class TrainOptions:
     # Token budget (eyecare_edge.preprocess.BUDGETS) written into the trained checkpoint, so
     # export and the runtime use the same tiling; None keeps the checkpoint's own.
     budget: str | None = None
+    # --stage vision only: the labels file's path column and label columns (None: detected), and
+    # the share of images held out for vision_eval.json (a seeded split).
+    path_column: str | None = None
+    labels: list[str] | None = None
+    eval_fraction: float = 0.15
+    patch_init: bool = False  # PCA init of a random tower's patch embedding (vision_stage)
+    connector_init: bool = False  # align: data-dependent connector init (vision_stage.init_connector_from_data)
 
     def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise TrainingError(f"unknown stage {self.stage!r}; expected one of {', '.join(STAGES)}")
+        if self.stage not in ALL_STAGES:
+            raise TrainingError(f"unknown stage {self.stage!r}; expected one of {', '.join(ALL_STAGES)}")
+        if self.batch_size is None:
+            self.batch_size = 16 if self.stage == "vision" else 4
+        if isinstance(self.labels, str):
+            self.labels = [c.strip() for c in self.labels.split(",") if c.strip()]
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise TrainingError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if self.lora_r is not None and self.stage != "sft":
             raise TrainingError("--lora-r applies to the sft stage (align trains only the connector)")
         if self.lora_r is not None and self.lora_r < 1:
@@ -351,6 +366,10 @@ def _sum_across_ranks(value: int) -> int:
 
 def run_training(opts: TrainOptions, *, progress: bool = True) -> TrainResult:
     """Train one stage and write the final checkpoint to `opts.out` (main process)."""
+    if opts.stage == "vision":
+        from eyecare_edge.training.vision_stage import run_vision_stage
+
+        return run_vision_stage(opts, progress=progress)
     t0 = time.perf_counter()
     out = Path(opts.out)
     if opts.max_length is None:
@@ -399,6 +418,14 @@ def run_training(opts: TrainOptions, *, progress: bool = True) -> TrainResult:
         if args.world_size > 1:
             backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "deepspeed"
             log.info("distributed: %d processes, backend %s", args.world_size, backend)
+
+    if opts.connector_init:
+        from eyecare_edge.training.vision_stage import init_connector_from_data
+
+        tiles = [dataset.build(i)["pixel_values"] for i in range(min(32, len(dataset)))]
+        figures = init_connector_from_data(model, torch.cat(tiles))
+        if is_main:
+            log.info("connector init from %d samples' tiles: %s", len(tiles), figures)
 
     if any(not c.images for c in dataset.items):
         # A text-only batch leaves the connector without gradients: let DDP look for that.

@@ -67,7 +67,8 @@ def info(bundle: Path, verify: bool, as_json: bool) -> None:
         if m.validation:
             click.echo("validation")
             for name, v in m.validation.items():
-                status = "ok  " if v.get("passed", True) else "FAIL"
+                passed = v.get("passed", True)
+                status = "n/a " if passed is None else "ok  " if passed else "FAIL"
                 figures = ", ".join(
                     f"{k}={x:.3g}" if isinstance(x, float) else f"{k}={x}"
                     for k, x in v.items()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-STAGES = ["align", "sft"]
+STAGES = ["vision", "align", "sft"]
 
 
 @click.command(
@@ -27,7 +27,9 @@ STAGES = ["align", "sft"]
         "  torchrun --standalone --nproc_per_node 8 -m eyecare_edge.cli train --init ckpt/eyecare-3.8b-init \\\n"
         "      --data Eyecare-100K/train.json --images-root Eyecare-100K --stage align \\\n"
         "      --deepspeed configs/deepspeed_zero2.json -o ckpt/eyecare-3.8b-align\n"
-        "  eyecare-edge train --config configs/train_tiny.yaml -o ckpt/tiny-sft"
+        "  eyecare-edge train --config configs/train_tiny.yaml -o ckpt/tiny-sft\n"
+        "  eyecare-edge train --init ckpt/tiny --data work/phantom/train_labels.jsonl --stage vision \\\n"
+        "      --max-steps 200 -o ckpt/tiny-vision"
     ),
 )
 @click.option(
@@ -45,7 +47,11 @@ STAGES = ["align", "sft"]
     type=click.Path(exists=True, file_okay=False),
     help="Folder image paths are relative to (default: the data file's folder).",
 )
-@click.option("--stage", type=click.Choice(STAGES), help="align: connector only; sft: connector + LLM.")
+@click.option(
+    "--stage",
+    type=click.Choice(STAGES),
+    help="vision: tower on image labels; align: connector only; sft: connector + LLM.",
+)
 @click.option("-o", "--out", type=click.Path(file_okay=False), help="Output directory (final checkpoint).")
 @click.option("--max-steps", type=click.IntRange(1), help="Optimizer steps (instead of --epochs).")
 @click.option("--epochs", type=click.FloatRange(0, min_open=True), help="Passes over the data (default 1).")
@@ -80,6 +86,18 @@ STAGES = ["align", "sft"]
     type=click.Choice(["full", "balanced", "fast", "minimal"]),
     help="Token budget (tiles per image), stored in the trained checkpoint [the checkpoint's].",
 )
+@click.option("--path-column", help="--stage vision: the labels file's image path column [image|path|file].")
+@click.option("--labels", help="--stage vision: label columns, comma-separated [all but path/id/split].")
+@click.option(
+    "--eval-fraction",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    help="--stage vision: share of images held out for vision_eval.json [0.15].",
+)
+@click.option(
+    "--patch-init/--no-patch-init",
+    default=None,
+    help="--stage vision: PCA init of a RANDOM tower's patch embedding (never a pretrained one).",
+)
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads per process.")
 @click.option(
     "--config",
@@ -93,6 +111,8 @@ def train(config_file, as_json, quiet, threads, **options) -> None:
     """Train one stage of EyecareGPT and write a checkpoint that `export` reads.
 
     \b
+    vision: trains the vision tower on image-level labels (CSV/JSONL: path + categorical columns);
+            writes OUT/vision_eval.json (held-out accuracy per label).
     align: trains the Layer-wise Dense Connector (projector + image_newline); vision and LLM frozen.
     sft:   trains connector + LLM (full, or LoRA with --lora-r); vision frozen unless --train-vision.
     Bad samples (missing/undecodable image, too long) are skipped with a warning and counted.
@@ -102,6 +122,7 @@ def train(config_file, as_json, quiet, threads, **options) -> None:
 
     from eyecare_edge.training.checkpoint import CheckpointError
     from eyecare_edge.training.data import DataFormatError
+    from eyecare_edge.training.labels import LabelFormatError
     from eyecare_edge.training.train import TrainingError, resolve_options, run_training
 
     if threads:
@@ -109,7 +130,7 @@ def train(config_file, as_json, quiet, threads, **options) -> None:
     try:
         opts = resolve_options(config_file, **options)
         result = run_training(opts, progress=not quiet)
-    except (TrainingError, DataFormatError, CheckpointError) as e:
+    except (TrainingError, DataFormatError, CheckpointError, LabelFormatError) as e:
         raise click.ClickException(str(e)) from e
     if int(os.environ.get("RANK", "0")) != 0:
         return  # one summary per run, from the main process

@@ -1,0 +1,112 @@
+"""`train --stage vision`: image-level labels from CSV/JSONL, bad rows skipped once and counted,
+a tower that learns a visible label, vision_eval.json, and a checkpoint the other stages read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from eyecare_edge.cli import main
+
+
+def _image(colour: str, side: str, rng: np.random.Generator) -> np.ndarray:
+    """A grey noisy field with a coloured disc on one side: colour and side are the labels."""
+    img = (rng.normal(110, 12, size=(96, 128, 3))).clip(0, 255).astype(np.uint8)
+    bgr = (40, 40, 220) if colour == "red" else (220, 60, 40)
+    x = 32 if side == "left" else 96
+    cv2.circle(img, (x + int(rng.integers(-6, 7)), 48 + int(rng.integers(-10, 11))), 16, bgr, -1)
+    return img
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("labelled")
+    (root / "img").mkdir()
+    rng = np.random.default_rng(0)
+    lines = ["path,colour,side,id"]
+    for i in range(48):
+        colour, side = ("red", "blue")[i % 2], ("left", "right")[(i // 2) % 2]
+        cv2.imwrite(str(root / "img" / f"{i}.png"), _image(colour, side, rng))
+        lines.append(f"img/{i}.png,{colour},{side},{i}")
+    (root / "img" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    lines.append("img/broken.jpg,red,left,b1")  # undecodable
+    lines.append("img/nowhere.png,red,left,b2")  # missing file
+    lines.append("img/0.png,,,b3")  # no labels at all
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def init_ckpt(tmp_path_factory) -> Path:
+    from eyecare_edge.training.checkpoint import init_checkpoint
+
+    return init_checkpoint("tiny", tmp_path_factory.mktemp("vs") / "init", llm_layers=1, vision_layers=2)
+
+
+def test_read_labels_csv_and_jsonl_skip_bad_rows(labelled, tmp_path):
+    from eyecare_edge.training.labels import LabelSkips, class_vocab, drop_unknown, read_labels
+
+    skips = LabelSkips()
+    rows, names = read_labels(labelled / "labels.csv", skips=skips)
+    assert names == ["colour", "side"]  # path and id are not labels
+    assert len(rows) == 49  # 48 good + the undecodable one (decoding is checked when tiles are made)
+    assert skips.by_reason() == {"missing image": 1, "no labels": 1}
+    # JSONL: null is "unknown for this image", booleans become yes/no
+    jl = tmp_path / "labels.jsonl"
+    jl.write_text(
+        json.dumps({"image": str(labelled / "img/1.png"), "dr": True, "eye": None}) + "\n"
+        + json.dumps({"image": str(labelled / "img/2.png"), "dr": False, "eye": "OS"}) + "\n"
+    )
+    rows2, names2 = read_labels(jl)
+    assert names2 == ["dr", "eye"] and [r.labels for r in rows2] == [{"dr": "yes"}, {"dr": "no", "eye": "OS"}]
+    # a held-out class the training rows never had is an unknown label: skipped and counted
+    more = LabelSkips()
+    kept = drop_unknown(rows2, class_vocab(rows2[:1], ["dr"]), more)
+    assert kept == rows2[:1] and more.by_reason() == {"unknown label": 1}
+
+
+def test_vision_stage_learns_a_visible_label_and_keeps_the_llm(labelled, init_ckpt, tmp_path):
+    out = tmp_path / "vision"
+    args = ["train", "--stage", "vision", "--init", str(init_ckpt), "--data", str(labelled / "labels.csv")]
+    args += ["--max-steps", "40", "--batch-size", "8", "--lr", "2e-3", "--eval-fraction", "0.25"]
+    args += ["--budget", "minimal", "--threads", "1", "--quiet", "--json", "-o", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in reversed(res.output.splitlines()) if '{"out"' in ln)
+    result = json.loads(line[line.index('{"out"') :])  # progress bars share the line on stderr
+    assert result["stage"] == "vision" and result["skip_reasons"] == {
+        "missing image": 1,
+        "no labels": 1,
+        "unreadable image": 1,
+    }
+    ev = json.loads((out / "vision_eval.json").read_text())
+    assert set(ev["labels"]) == {"colour", "side"}
+    for v in ev["labels"].values():
+        assert set(v) == {"accuracy", "chance", "n"} and v["n"] in (11, 12) and 0 <= v["chance"] <= 1
+    assert ev["labels"]["colour"]["accuracy"] >= 0.9  # a random tower cannot do this
+
+    from eyecare_edge.training.checkpoint import load_checkpoint
+
+    before, _ = load_checkpoint(init_ckpt)
+    after, _ = load_checkpoint(out)
+    assert after.config.preprocess["max_tiles"] == 1  # --budget is stored like the other stages do
+    b, a = before.state_dict(), after.state_dict()
+    tower = [k for k in a if k.startswith("vision_tower.")]
+    assert any(not torch.equal(a[k], b[k]) for k in tower)
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("vision_tower."))
+
+
+def test_vision_stage_bad_options(init_ckpt, labelled, tmp_path):
+    base = ["train", "--stage", "vision", "--init", str(init_ckpt), "-o", str(tmp_path / "o")]
+    res = CliRunner().invoke(main, [*base, "--data", str(labelled / "labels.csv"), "--labels", "grade"])
+    assert res.exit_code == 1 and "no label column(s) ['grade']" in res.output
+    empty = tmp_path / "only_paths.csv"
+    empty.write_text("path\nimg/0.png\n")
+    res = CliRunner().invoke(main, [*base, "--data", str(empty)])
+    assert res.exit_code == 1 and "no label columns" in res.output

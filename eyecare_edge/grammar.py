@@ -21,9 +21,11 @@ GrammarError rather than silently not enforced.
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import json
 import re
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -151,9 +153,23 @@ class GrammarConstraint:
     `mask(logits)` returns the logits with every token the grammar cannot accept next set to
     -inf; `accept(token)` advances the grammar. One instance per generation (llama.cpp's
     grammar sampler keeps the parse stacks); `free()` releases it.
+
+    `pieces` (each token's bytes) adds a UTF-8 guard on top of llama.cpp's matcher, which
+    accepts *overlong* UTF-8: it sees a lead byte 0xF0 followed by 0x86 as a possible start of
+    U+6B63 ("正"), so with an enum holding both "🙂 ok" and "正常眼底", sampling at temperature 1
+    produced F0 86 AD A3 — four U+FFFD in the text, a value outside the enum (found with the
+    tiny test model, seed 0). A token whose bytes would make the pending bytes invalid UTF-8 is
+    masked too; pure-ASCII tokens are checked only while a multi-byte character is open.
     """
 
-    def __init__(self, vocab: ctypes.c_void_p, gbnf: str, n_vocab: int, root: str = "root") -> None:
+    def __init__(
+        self,
+        vocab: ctypes.c_void_p,
+        gbnf: str,
+        n_vocab: int,
+        root: str = "root",
+        pieces: Sequence[bytes] | None = None,
+    ) -> None:
         if _lib is None:
             raise GrammarError("llama-cpp-python is not installed")
         self._smpl = _lib.llama_sampler_init_grammar(vocab, gbnf.encode("utf-8"), root.encode("utf-8"))
@@ -165,6 +181,11 @@ class GrammarConstraint:
         self._view = np.ctypeslib.as_array(self._data)
         self._ids = np.arange(n_vocab, dtype=np.int32)
         self._array = _lib.llama_token_data_array(self._data, n_vocab, -1, False)
+        self._pieces = pieces
+        self._non_ascii = (
+            None if pieces is None else np.fromiter((not p.isascii() for p in pieces), bool, len(pieces))
+        )
+        self._pending = b""  # bytes of a multi-byte character not yet complete
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """A float32 copy of `logits` with the tokens the grammar rejects set to -inf.
@@ -184,12 +205,26 @@ class GrammarConstraint:
         n = int(self._array.size)
         out = np.full(self.n_vocab, -np.inf, dtype=np.float32)
         out[view["id"][:n]] = view["logit"][:n]
+        if self._pieces is not None:
+            self._mask_invalid_utf8(out)
         if not np.isfinite(out).any():
             raise GrammarError("the grammar accepts no token here (it cannot be completed)")
         return out
 
+    def _mask_invalid_utf8(self, out: np.ndarray) -> None:
+        allowed = np.isfinite(out)
+        if not self._pending:
+            allowed &= self._non_ascii  # ASCII after a complete character is always valid
+        for tok in np.flatnonzero(allowed):
+            if not _valid_utf8_prefix(self._pending + self._pieces[tok]):
+                out[tok] = -np.inf
+
     def accept(self, token: int) -> None:
         _lib.llama_sampler_accept(self._smpl, int(token))
+        if self._pieces is not None and 0 <= token < len(self._pieces):
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            decoder.decode(self._pending + self._pieces[token], final=False)
+            self._pending = decoder.getstate()[0]
 
     def free(self) -> None:
         if self._smpl is not None:
@@ -202,3 +237,13 @@ class GrammarConstraint:
 
 
 __all__ = ["GrammarConstraint", "GrammarError", "any_json_grammar", "json_schema_grammar"]
+
+
+def _valid_utf8_prefix(data: bytes) -> bool:
+    """Whether `data` is valid UTF-8 or a valid start of it (strict: no overlong forms, no
+    surrogates, nothing above U+10FFFF)."""
+    try:
+        codecs.getincrementaldecoder("utf-8")("strict").decode(data, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True

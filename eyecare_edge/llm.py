@@ -603,6 +603,14 @@ class LlamaCppLM:
         with self._locked(need_ctx=False):
             return self._piece(token, special)
 
+    def _token_pieces(self) -> list[bytes]:
+        """Every token's bytes (special tokens rendered), built once per model: the grammar's
+        UTF-8 guard reads them (see `GrammarConstraint`)."""
+        pieces = getattr(self, "_pieces_cache", None)
+        if pieces is None:
+            pieces = self._pieces_cache = [self._piece(t, True) for t in range(self._n_vocab)]
+        return pieces
+
     def _piece(self, token: int, special: bool) -> bytes:
         buf = ctypes.create_string_buffer(64)
         n = _lib.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
@@ -888,7 +896,7 @@ class LlamaCppLM:
             yield None
             return
         try:
-            constraint = GrammarConstraint(self._vocab, gbnf, self._n_vocab)
+            constraint = GrammarConstraint(self._vocab, gbnf, self._n_vocab, pieces=self._token_pieces())
         except GrammarError as e:
             raise LLMError(str(e)) from None
         try:

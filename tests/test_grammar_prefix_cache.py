@@ -151,3 +151,35 @@ def test_bad_schemas_and_states_are_refused(assets):
         pipe.lm.reset()
         pipe.lm.load_state(blob, n)
         assert pipe.lm.n_past == n
+
+
+def test_grammar_never_lets_overlong_utf8_through(assets):
+    """llama.cpp's matcher takes F0 86 as a possible start of U+6B63 ("正", E6 AD A3), which an
+    enum holding "🙂 ..." and "正..." lets through at the same position: the text then held four
+    U+FFFD. After a 0xF0 lead byte, only 0x90-0xBF may follow; the guard masks the rest."""
+    import codecs
+
+    import numpy as np
+
+    from eyecare_edge.grammar import GrammarConstraint, _valid_utf8_prefix
+
+    assert not _valid_utf8_prefix(b"\xf0\x86") and _valid_utf8_prefix(b"\xf0\x9f") and _valid_utf8_prefix(b"\xe6\xad")
+    gbnf = r'root ::= "\"" ( "\U0001F642 ok" | "\u6b63\u5e38" ) "\""'
+    with Pipeline.load(assets.bundle, **OPTIONS) as pipe:
+        lm = pipe.lm
+        pieces = lm._token_pieces()
+        byte_token = {p[0]: t for t, p in enumerate(pieces) if len(p) == 1}
+        if 0xF0 not in byte_token or 0x86 not in byte_token:
+            pytest.skip("this vocabulary has no single-byte tokens for the case")
+        for guard in (pieces,):  # (with guard=None, llama.cpp 0.3.36 alone allows F0 86)
+            c = GrammarConstraint(lm._vocab, gbnf, lm.n_vocab, pieces=guard)
+            try:
+                for tok in (pieces.index(b'"'), byte_token[0xF0]):
+                    c.accept(tok)
+                allowed = np.isfinite(c.mask(np.zeros(lm.n_vocab, np.float32)))
+                decoder = codecs.getincrementaldecoder("utf-8")("strict")
+                bad = [t for t in np.flatnonzero(allowed) if not _valid_utf8_prefix(b"\xf0" + pieces[t])]
+                assert not bad and not allowed[byte_token[0x86]] and allowed[byte_token[0x9F]]
+                assert decoder.decode(b"\xf0\x9f") == ""  # a valid start, still open
+            finally:
+                c.free()

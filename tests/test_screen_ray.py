@@ -49,9 +49,14 @@ def cluster():
 
 
 def _images(assets, folder: Path, n: int) -> Path:
+    """n files from the fixture's images, cycled under new names when n is larger (each path is
+    its own item)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for p in assets.images[:n]:
-        (folder / p.name).write_bytes(p.read_bytes())
+    pool = assets.images
+    for i in range(n):
+        p = pool[i % len(pool)]
+        name = p.name if i < len(pool) else f"{p.stem}-copy{i // len(pool)}{p.suffix}"
+        (folder / name).write_bytes(p.read_bytes())
     return folder
 
 
@@ -119,8 +124,13 @@ def test_ray_lines_equal_the_local_engine_and_bad_files_are_error_lines(assets, 
     assert r.exit_code == 2 and "need --engine ray" in r.output
 
 
+# With the fixture model that answers in a few tokens, 16 files finished inside the driver's first
+# part on an idle machine (48 of 48 lines before the kill): more files keep the kill mid-run.
+N_KILL = 64
+
+
 def test_driver_sigkill_then_resume_gives_every_item_exactly_once(assets, cluster, tmp_path):
-    folder = _images(assets, tmp_path / "imgs", 16)
+    folder = _images(assets, tmp_path / "imgs", N_KILL)  # enough work to be killed mid-run
     qfile = tmp_path / "q.txt"
     qfile.write_text("\n".join(QUESTIONS) + "\n")
     out = tmp_path / "ray"
@@ -143,15 +153,15 @@ def test_driver_sigkill_then_resume_gives_every_item_exactly_once(assets, cluste
             proc.wait()
         proc.stderr.close()
     n_before = len(_raw_lines(out))
-    assert 0 < n_before < 16 * 3
+    assert 0 < n_before < N_KILL * 3
 
     r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"{n_before} already done" in r.stderr
     lines = _raw_lines(out)
-    assert len(lines) == 16 * 3 == len({x["id"] for x in lines})
+    assert len(lines) == N_KILL * 3 == len({x["id"] for x in lines})
     assert {(Path(x["path"]).name, x["question"]) for x in lines} == {
-        (p.name, q) for p in assets.images[:16] for q in QUESTIONS
+        (p.name, q) for p in folder.iterdir() for q in QUESTIONS
     }
     assert all(x["error"] is None for x in lines)
 

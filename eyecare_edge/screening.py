@@ -270,7 +270,8 @@ def file_error_id(path: str | os.PathLike[str], file_sha256: str | None) -> str:
     return item_id(path, file_sha256, None, _FILE_LEVEL)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
@@ -351,7 +352,7 @@ class ResultsFile:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Write one line and make it durable before returning (flush + fsync)."""

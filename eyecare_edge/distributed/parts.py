@@ -27,24 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eyecare_edge.screening import ScreenError
+from eyecare_edge.screening import ScreenError, fsync_dir
 
 PART_FORMATS = ("jsonl", "parquet")
 _JSON_COLUMNS_KEY = b"eyecare_edge.json_columns"
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _is_part(p: Path) -> bool:
@@ -112,7 +98,7 @@ def _write_atomically(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def read_parts(root: str | os.PathLike[str]) -> Iterator[dict]:
@@ -218,7 +204,7 @@ class PartsDir:
                     _write_atomically(p, kept)
                 else:
                     p.unlink()
-                    _fsync_dir(p.parent)
+                    fsync_dir(p.parent)
 
     def write(self, rows: Sequence[Mapping[str, Any]]) -> Path | None:
         """One new part with `rows` minus lines already present; durable when this returns."""

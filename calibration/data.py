@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eyecare_edge.errors import EyecareError
 from eyecare_edge.images import SUPPORTED_SUFFIXES, ImageError, load_images
 from eyecare_edge.preprocess import PreprocessConfig, preprocess_image
 
@@ -39,7 +40,7 @@ class CalibrationImageSkipped(UserWarning):
     """An image of the calibration source could not be used (named in the message)."""
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(EyecareError, ValueError):
     """The calibration source itself is unusable (missing, empty, unreadable file list)."""
 
 

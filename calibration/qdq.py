@@ -45,13 +45,15 @@ import onnx
 from eyecare_edge.calibration.data import tiles_digest
 from onnx import TensorProto, helper, numpy_helper
 
+from eyecare_edge.errors import EyecareError
+
 QDQ_VERSION = 1
 METHODS = ("minmax", "percentile")
 EXTERNAL_DATA_THRESHOLD = 2**31
 _HIST_BINS = 2048
 
 
-class QuantizationError(ValueError):
+class QuantizationError(EyecareError, ValueError):
     """The model or the calibration data cannot be quantized; the message says which and why."""
 
 

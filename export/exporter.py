@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from eyecare_edge.bundle import Manifest, PromptSpec, add_file, sha256_file, write_manifest
+from eyecare_edge.errors import EyecareError
 from eyecare_edge.preprocess import PreprocessConfig, apply_budget, preprocess_image
 from eyecare_edge.prompts import REPORT_PROMPT, get_template
 from eyecare_edge.reduce import NAMED_BUDGETS
@@ -38,7 +39,7 @@ DEFAULT_LLM = ("f16", "q8_0", "q4_k_m")
 CALIBRATION_CACHE = Path(tempfile.gettempdir()) / "eyecare-edge-calibration"
 
 
-class ExportError(Exception):
+class ExportError(EyecareError):
     """Export could not finish; the message says which step and why."""
 
 

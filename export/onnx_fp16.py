@@ -32,6 +32,8 @@ import onnx
 from eyecare_edge.export.onnx_vision import EXTERNAL_DATA_THRESHOLD, save_onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from eyecare_edge.errors import EyecareError
+
 DEFAULT_KEEP_FLOAT32 = (
     "LayerNormalization",
     "ReduceMean",
@@ -51,7 +53,7 @@ _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 
 
-class Fp16ConversionError(ValueError):
+class Fp16ConversionError(EyecareError, ValueError):
     """The graph holds something this pass cannot convert; the message names the node."""
 
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from eyecare_edge import __version__
+from eyecare_edge.errors import EyecareError
 from eyecare_edge.preprocess import PreprocessConfig
 
 FORMAT_VERSION = 1
@@ -35,7 +36,7 @@ ALLOWED_SUFFIXES: dict[str, str] = {
 ROLES = ("vision", "llm", "extra")
 
 
-class BundleError(Exception):
+class BundleError(EyecareError):
     """A bundle that cannot be used; the message names the bundle and the file at fault."""
 
 

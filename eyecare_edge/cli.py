@@ -13,6 +13,7 @@ import importlib.util
 import click
 
 from eyecare_edge import __version__
+from eyecare_edge.errors import EyecareError
 
 # name -> "module:attribute"; the order is the order `--help` lists them in.
 COMMANDS: dict[str, str] = {
@@ -45,6 +46,14 @@ class LazyGroup(click.Group):
             return None
         module_name, attr = target.split(":")
         return getattr(importlib.import_module(module_name), attr)
+
+    def invoke(self, ctx: click.Context) -> object:
+        """Run the sub-command; an `EyecareError` becomes `error: …` and its exit code (1, 2 or 3)."""
+        try:
+            return super().invoke(ctx)
+        except EyecareError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
 
 
 def _module_exists(target: str) -> bool:

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from eyecare_edge.errors import EyecareError
+
 try:
     import llama_cpp.llama_cpp as _lib
     from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
@@ -42,7 +44,7 @@ MAX_INT_ENUM = 256
 _NUMERIC_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 
 
-class GrammarError(ValueError):
+class GrammarError(EyecareError, ValueError):
     """A grammar or JSON schema llama.cpp cannot use."""
 
 

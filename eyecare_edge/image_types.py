@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from eyecare_edge.errors import EyecareError
+
 
 def display_name(path: str | os.PathLike[str] | bytes) -> str:
     """A file name as printable, valid UTF-8 text, whatever bytes it was made of.
@@ -25,7 +27,7 @@ def display_name(path: str | os.PathLike[str] | bytes) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-class ImageError(Exception):
+class ImageError(EyecareError):
     """An image could not be read; ``str(e)`` is ``"<path>: <reason>"``.
 
     ``path`` is the name as given (it may hold surrogate escapes for a non-UTF-8 name, so it can
@@ -43,7 +45,7 @@ class ImageError(Exception):
         return (type(self), (self.path, self.reason))
 
 
-class InvalidImage(Exception):
+class InvalidImage(EyecareError):
     """Internal: a reason why the bytes are not a readable image (the caller adds the path)."""
 
 

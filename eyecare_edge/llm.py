@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eyecare_edge.errors import EyecareError
 from eyecare_edge.grammar import GrammarConstraint, GrammarError
 
 try:  # the runtime can still be imported (bundle checks, CLI help) where llama.cpp is absent
@@ -70,7 +71,7 @@ _GGUF_MAGIC = b"GGUF"
 _TOP_P_CANDIDATES = 256
 
 
-class LLMError(Exception):
+class LLMError(EyecareError):
     """A model that cannot be loaded or a request the context cannot serve."""
 
 

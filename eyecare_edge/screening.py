@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from eyecare_edge.errors import EyecareError
 from eyecare_edge.image_source import not_regular_reason
 from eyecare_edge.images import (
     SUPPORTED_SUFFIXES,
@@ -48,7 +49,7 @@ TASKS = ("report", "closed", "open", "protocol")
 _GLOB_CHARS = frozenset("*?[")
 
 
-class ScreenError(Exception):
+class ScreenError(EyecareError):
     """A screen run that cannot start: bad inputs, questions or output file (message says why)."""
 
 

@@ -30,6 +30,7 @@ from typing import Protocol
 import numpy as np
 
 from eyecare_edge.bundle import BundleError, FileEntry, Manifest, Problem
+from eyecare_edge.errors import EyecareError
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "image_embeds"
@@ -53,7 +54,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "int8_u8s8")
 FileCheck = Callable[[Sequence[FileEntry]], None]
 
 
-class VisionError(Exception):
+class VisionError(EyecareError):
     """A vision backend that cannot load or run; the message says which and why."""
 
 

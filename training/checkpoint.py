@@ -17,6 +17,8 @@ from eyecare_edge.training.presets import PRESETS, build_config, tiny_llama_conf
 from eyecare_edge.training.tokenizer import JINJA_TEMPLATES, train_bpe_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
+from eyecare_edge.errors import EyecareError
+
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -27,7 +29,7 @@ DTYPES = {
 }
 
 
-class CheckpointError(Exception):
+class CheckpointError(EyecareError):
     """A checkpoint directory that cannot be read or built; the message names the path."""
 
 

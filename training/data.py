@@ -37,6 +37,7 @@ from eyecare_edge.bench.loaders import (
     split_closed_question,
 )
 from eyecare_edge.bench.records import has_all_report_sections
+from eyecare_edge.errors import EyecareError
 from eyecare_edge.images import ImageError, load_image, read_header
 from eyecare_edge.preprocess import (
     PreprocessConfig,
@@ -57,7 +58,7 @@ _USER_ROLES = {"human", "user"}
 _ASSISTANT_ROLES = {"gpt", "assistant", "model"}
 
 
-class DataFormatError(ValueError):
+class DataFormatError(EyecareError, ValueError):
     """A data file that cannot be read at all; the message names the file (and line)."""
 
 
@@ -281,7 +282,7 @@ class TileCache:
 # --- the dataset ---------------------------------------------------------------------------------
 
 
-class SampleError(Exception):
+class SampleError(EyecareError):
     """Internal: why one sample cannot be used (becomes a skip, never escapes the dataset)."""
 
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from eyecare_edge.errors import EyecareError
 from eyecare_edge.prompts import IMAGE_PLACEHOLDER, ChatTemplate, Message, render_segments
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch cross-entropy's default)
 
 
-class EncodingError(ValueError):
+class EncodingError(EyecareError, ValueError):
     """A conversation that cannot be turned into a training sample (the message says why)."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eyecare_edge.bench.loaders import BenchFormatError, read_json_records
+from eyecare_edge.errors import EyecareError
 
 log = logging.getLogger("eyecare_edge.training")
 
@@ -32,7 +33,7 @@ PATH_COLUMNS = ("image", "path", "file", "filename")
 NOT_LABELS = {"id", "split", "synthetic", "width", "height"}
 
 
-class LabelFormatError(ValueError):
+class LabelFormatError(EyecareError, ValueError):
     """A labels file that cannot be read at all (the message names the file and the reason)."""
 
 

@@ -58,10 +58,11 @@ from torch import nn
 from transformers import AutoTokenizer, SiglipVisionConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from eyecare_edge.errors import EyecareError
 from eyecare_edge.preprocess import PreprocessConfig
 
 
-class LlavaImportError(Exception):
+class LlavaImportError(EyecareError):
     """A LLaVA-convention directory that cannot be imported; the message names the file and why."""
 
 

@@ -32,6 +32,7 @@ from eyecare_edge.training.stages import STAGES, LoraSettings, configure_stage, 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from eyecare_edge.errors import EyecareError
 from eyecare_edge.preprocess import BUDGETS, apply_budget
 
 log = logging.getLogger("eyecare_edge.training")
@@ -44,7 +45,7 @@ DEFAULT_LR = {"align": 1e-3, "sft": 2e-5, "sft-lora": 2e-4, "vision": 1e-3}
 ALL_STAGES = ("vision", *STAGES)
 
 
-class TrainingError(Exception):
+class TrainingError(EyecareError):
     """A run that cannot start or finish; the message says what to change."""
 
 

@@ -33,12 +33,13 @@ from eyecare_edge.bench.records import (
     has_all_report_sections,
     strip_image_placeholders,
 )
+from eyecare_edge.errors import EyecareError
 from eyecare_edge.prompts import CLOSED_QA_INSTRUCTION
 
 FORMATS = ("auto", "jsonl", "llava", "omnimedvqa")
 
 
-class BenchFormatError(ValueError):
+class BenchFormatError(EyecareError, ValueError):
     """A benchmark file that cannot be read; the message names the file and line (or item)."""
 
 

@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 
 from eyecare_edge.clinical.protocol import Protocol, ProtocolQuestion
+from eyecare_edge.errors import EyecareError
 
 NO_VALID_ANSWER = "no valid answer"
 
 
-class ConstraintError(ValueError):
+class ConstraintError(EyecareError, ValueError):
     """The model's tokenizer cannot express an option letter as one token."""
 
 

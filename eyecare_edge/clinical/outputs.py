@@ -21,9 +21,10 @@ from eyecare_edge.clinical.anonymize import anonymize_record, anonymize_source
 from eyecare_edge.clinical.answers import DeviceInfo, QuestionAnswer, answers_from_records
 from eyecare_edge.clinical.protocol import Protocol
 from eyecare_edge.clinical.source import SourceInfo, read_source
+from eyecare_edge.errors import EyecareError
 
 
-class ClinicalOutputError(RuntimeError):
+class ClinicalOutputError(EyecareError, RuntimeError):
     """An SR or FHIR file that cannot be written (the message names it and why)."""
 
 

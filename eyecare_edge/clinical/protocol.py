@@ -31,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from eyecare_edge.errors import EyecareError
 from eyecare_edge.prompts import format_closed_question
 
 # FHIR `system` URIs of the coding schemes DICOM names by designator (PS3.16 Section 8).
@@ -44,7 +45,7 @@ KINDS = ("closed", "text")
 DEFAULT_PROTOCOL = "default_protocol.yaml"
 
 
-class ProtocolError(ValueError):
+class ProtocolError(EyecareError, ValueError):
     """A protocol file that cannot be used (the message names the file and the entry)."""
 
 

@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eyecare_edge.errors import EyecareError
 
-class ChildError(Exception):
+
+class ChildError(EyecareError):
     """A measurement child that failed, timed out or returned nothing; the message says which."""
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from eyecare_edge.errors import EyecareError
 
-class ApiError(Exception):
+
+class ApiError(EyecareError):
     """A request the server answers with `status` and `{"error": {"message", "type", ...}}`.
 
     type follows OpenAI's names where one fits (invalid_request_error, authentication_error,

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from eyecare_edge.training import synthetic as S
+from eyecare_edge.phantom import drawing as S
 
 from eyecare_edge.prompts import (
     CLOSED_QA_INSTRUCTION,
@@ -538,7 +538,7 @@ def test_cli_writes_the_files_and_prints_a_summary(tmp_path):
 
 def test_generator_and_command_import_no_torch():
     code = (
-        "import sys, eyecare_edge.commands.synth, eyecare_edge.training.synthetic;"
+        "import sys, eyecare_edge.commands.synth, eyecare_edge.phantom.drawing;"
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'accelerate') if m in sys.modules];"
         "assert not heavy, heavy"
     )

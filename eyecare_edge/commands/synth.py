@@ -72,7 +72,7 @@ def synth(
     B-scans (normal, fluid pocket, drusen) in varied sizes, with an Eyecare-100K-style train.json and
     an Eyecare-Bench-style bench.jsonl (closed, open and report items), split by image.
     """
-    from eyecare_edge.training.synthetic import make_phantom_dataset
+    from eyecare_edge.phantom.drawing import make_phantom_dataset
 
     try:
         ds = make_phantom_dataset(

@@ -92,8 +92,8 @@ def build_runtime_assets(base: Path) -> RuntimeAssets:
 
     import torch
     from eyecare_edge.export.exporter import ExportOptions, export_bundle
+    from eyecare_edge.phantom import make_phantom_dataset
     from eyecare_edge.training.checkpoint import init_checkpoint
-    from eyecare_edge.phantom.drawing import make_phantom_dataset
     from eyecare_edge.training.train import TrainOptions, run_training
 
     make_phantom_dataset(assets.phantom, PHANTOM_IMAGES, PHANTOM_SEED, bench_fraction=0.25, multi_turn=True)

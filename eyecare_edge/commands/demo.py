@@ -120,7 +120,7 @@ def demo(workdir: Path, threads: int | None) -> None:
     # 1. phantom data
     key = _key(recipe.n_images, recipe.seed)
     if not steps.done("data", key, [paths["data"] / "bench.jsonl"]):
-        from eyecare_edge.phantom.drawing import make_phantom_dataset
+        from eyecare_edge.phantom import make_phantom_dataset
 
         steps.log(f"generating {recipe.n_images} phantom fundus/OCT images (synthetic) in {paths['data']}")
         ds = make_phantom_dataset(paths["data"], recipe.n_images, recipe.seed)

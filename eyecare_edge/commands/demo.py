@@ -183,7 +183,8 @@ def _train(steps: _Steps, recipe: DemoRecipe, paths: dict[str, Path]) -> None:
         import torch
 
         from eyecare_edge.training.checkpoint import init_checkpoint
-        from eyecare_edge.training.train import TrainOptions, run_training
+        from eyecare_edge.training.train import run_training
+        from eyecare_edge.training.train_options import TrainOptions
 
         if recipe.train_threads:
             torch.set_num_threads(recipe.train_threads)

@@ -1,11 +1,7 @@
 """INT8 vision ONNX with explicit Q/DQ nodes, calibrated on real tiles with bounded memory.
 
-What gets quantized (measured to matter, see ANCHORS.md): only the weight GEMMs — MatMul/Gemm
-whose weight is an initializer — and the patch-embedding Conv. Their activation input gets a
-QuantizeLinear -> DequantizeLinear pair, their weight is stored as int8 with per-output-channel
-scales behind a DequantizeLinear. Attention MatMuls (activation x activation), Softmax,
-LayerNorm, GELU and the residual Adds stay float. Biases stay float (TensorRT fuses a float bias
-into the int8 GEMM; an int32 bias DQ is something it does not take).
+What gets quantized (`qdq_graph`): only the weight GEMMs and the patch-embedding Conv, activations
+through a QuantizeLinear -> DequantizeLinear pair, weights as int8 with per-output-channel scales.
 
 Two variants from one calibration:
 
@@ -15,12 +11,8 @@ Two variants from one calibration:
   weights — the variant ONNX Runtime's CPU provider fuses into integer GEMMs for every weight
   MatMul (0.82 s vs 1.20 s per so400m tile on a 2-core AVX-512 CPU). Use it for the CPU runtime.
 
-Calibration without ORT's calibrator (which holds every intermediate of so400m at once: 12-19 GB):
-the FP32 graph is extended with a ReduceMin and a ReduceMax on each tensor to be quantized, and
-those scalars are its extra outputs. ONNX Runtime frees each intermediate after its reduction,
-so calibrating costs the memory of plain inference on `batch_tiles` tiles. For `method=
-"percentile"` a second pass exposes the tensors themselves, in groups sized to
-`max_output_bytes`, and histograms |x| on the range the first pass found.
+Calibration (`ranges`) runs the FP32 graph in ONNX Runtime with a ReduceMin/ReduceMax on each
+tensor to be quantized, so it costs the memory of plain inference on `batch_tiles` tiles.
 
 Results are cached by sha256(FP32 ONNX) + data digest + settings: a second export with the same
 model and calibration data copies the cached file instead of recalibrating. The measured ranges
@@ -43,18 +35,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 from eyecare_edge.calibration.data import tiles_digest
-from onnx import TensorProto, helper, numpy_helper
-
-from eyecare_edge.errors import EyecareError
+from eyecare_edge.calibration.onnx_files import copy_onnx, model_sha256, save_onnx
+from eyecare_edge.calibration.qdq_graph import activation_qparams, find_weight_gemms, insert_qdq
+from eyecare_edge.calibration.ranges import QuantizationError, TensorRange, collect_ranges
+from onnx import TensorProto, helper
 
 QDQ_VERSION = 1
 METHODS = ("minmax", "percentile")
 EXTERNAL_DATA_THRESHOLD = 2**31
-_HIST_BINS = 2048
-
-
-class QuantizationError(EyecareError, ValueError):
-    """The model or the calibration data cannot be quantized; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -99,399 +87,6 @@ class QuantizeResult:
     # The activation ranges came from the cache (another variant of the same model and data was
     # calibrated before): only the graph was rebuilt.
     ranges_reused: bool = False
-
-
-@dataclass(frozen=True)
-class WeightGemm:
-    """A node whose weight input is an initializer: the only kind that gets Q/DQ."""
-
-    node: str
-    op_type: str
-    activation: str
-    weight: str
-    axis: int  # output-channel axis of the weight (per-channel scales run along it)
-
-
-@dataclass
-class TensorRange:
-    min: float
-    max: float
-    threshold: float | None = None  # percentile of |x| when method == "percentile"
-
-    @property
-    def amax(self) -> float:
-        return max(abs(self.min), abs(self.max))
-
-
-# --- graph inspection --------------------------------------------------------------------------
-
-
-def find_weight_gemms(model: onnx.ModelProto) -> list[WeightGemm]:
-    """MatMul/Gemm with an initializer weight and an activation input, and Conv with an
-    initializer kernel. Activation x activation MatMuls (attention) are not listed."""
-    inits = {t.name: t for t in model.graph.initializer}
-    out = []
-    for node in model.graph.node:
-        if len(node.input) < 2:
-            continue
-        x, w = node.input[0], node.input[1]
-        if x in inits or w not in inits or inits[w].data_type != TensorProto.FLOAT:
-            continue
-        rank = len(inits[w].dims)
-        if node.op_type == "MatMul" and rank == 2:
-            out.append(WeightGemm(node.name, "MatMul", x, w, 1))
-        elif node.op_type == "Gemm" and rank == 2:
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            out.append(WeightGemm(node.name, "Gemm", x, w, 0 if trans_b else 1))
-        elif node.op_type == "Conv" and rank >= 3:
-            out.append(WeightGemm(node.name, "Conv", x, w, 0))
-    return out
-
-
-def model_sha256(path: str | Path) -> str:
-    """sha256 over an ONNX file and its external-data file(s), in a fixed order."""
-    path = Path(path)
-    h = hashlib.sha256()
-    for f in [path, *_external_files(path)]:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 22):
-                h.update(block)
-    return h.hexdigest()
-
-
-def _external_files(path: Path) -> list[Path]:
-    skeleton = onnx.load(os.fspath(path), load_external_data=False)
-    locations = set()
-    for t in skeleton.graph.initializer:
-        if t.data_location == TensorProto.EXTERNAL:
-            locations.update(e.value for e in t.external_data if e.key == "location")
-    return [path.parent / loc for loc in sorted(locations)]
-
-
-def _save_onnx(model: onnx.ModelProto, path: Path, threshold: int) -> None:
-    """Write `model`, weights in one `<name>.data` file when above `threshold` bytes."""
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-    size = sum(
-        int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        for t in model.graph.initializer
-    )
-    if size > threshold:
-        onnx.save_model(
-            model,
-            os.fspath(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data.name,
-            size_threshold=1024,
-        )
-    else:
-        onnx.save_model(model, os.fspath(path))
-
-
-def _copy_onnx(src: Path, dst: Path, threshold: int) -> None:
-    """Copy an ONNX file; with external data, re-save so the data file is named after `dst`."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if _external_files(src):
-        _save_onnx(onnx.load(os.fspath(src)), dst, threshold)
-    else:
-        stale = dst.with_name(dst.name + ".data")
-        if stale.exists():
-            stale.unlink()
-        shutil.copyfile(src, dst)
-
-
-# --- calibration -------------------------------------------------------------------------------
-
-
-def _session(src: Path, workdir: Path, threads: int | None, modify):
-    """An ORT CPU session for `src` changed by `modify(model)` (extra outputs).
-
-    The changed graph is written to `workdir` (external weights are linked, not copied) and
-    dropped before ONNX Runtime loads it, so only one copy of the weights is resident.
-    """
-    import onnxruntime as ort
-
-    for f in _external_files(src):
-        link = workdir / f.name
-        if not link.exists():
-            os.symlink(f.resolve(), link)
-    model = onnx.load(os.fspath(src), load_external_data=False)
-    modify(model)
-    path = workdir / "calibrate.onnx"
-    onnx.save_model(model, os.fspath(path))
-    del model
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
-
-
-def _batches(tiles: np.ndarray, batch_tiles: int) -> Iterable[np.ndarray]:
-    for i in range(0, tiles.shape[0], batch_tiles):
-        yield tiles[i : i + batch_tiles]
-
-
-def _input_name(model: onnx.ModelProto) -> str:
-    inits = {t.name for t in model.graph.initializer}
-    names = [vi.name for vi in model.graph.input if vi.name not in inits]
-    if len(names) != 1:
-        raise QuantizationError(f"expected one graph input, found {names}")
-    return names[0]
-
-
-def collect_ranges(
-    fp32_onnx: str | Path,
-    tensors: list[str],
-    tiles: np.ndarray,
-    *,
-    method: str = "minmax",
-    percentile: float = 99.99,
-    batch_tiles: int = 2,
-    max_output_bytes: int = 1 << 30,
-    threads: int | None = None,
-) -> dict[str, TensorRange]:
-    """Min/max (and, for "percentile", the percentile of |x|) of each tensor over all tiles.
-
-    Memory stays that of plain inference on `batch_tiles` tiles (+ `max_output_bytes` of exposed
-    tensors in the percentile pass), whatever the model size.
-    """
-    src = Path(fp32_onnx)
-    skeleton = onnx.load(os.fspath(src), load_external_data=False)
-    feed = _input_name(skeleton)
-    per_tile = _tensor_elems_per_tile(skeleton) if method == "percentile" else {}
-    del skeleton
-    ranges: dict[str, TensorRange] = {}
-
-    def add_reductions(model: onnx.ModelProto) -> None:
-        g = model.graph
-        for i, name in enumerate(tensors):
-            for op in ("ReduceMin", "ReduceMax"):
-                out = f"__calib_{i}_{op}"
-                g.node.append(helper.make_node(op, [name], [out], name=out, keepdims=0))
-                g.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, []))
-
-    with tempfile.TemporaryDirectory(prefix="eyecare-calib-") as tmp:
-        work = Path(tmp)
-        # Pass 1: scalar min/max of every tensor, computed inside the graph.
-        sess = _session(src, work, threads, add_reductions)
-        out_names = [o.name for o in sess.get_outputs()]
-        lo = np.full(len(tensors), np.inf)
-        hi = np.full(len(tensors), -np.inf)
-        for batch in _batches(tiles, batch_tiles):
-            values = dict(zip(out_names, sess.run(None, {feed: batch}), strict=True))
-            for i in range(len(tensors)):
-                lo[i] = min(lo[i], float(values[f"__calib_{i}_ReduceMin"]))
-                hi[i] = max(hi[i], float(values[f"__calib_{i}_ReduceMax"]))
-        del sess
-        for i, name in enumerate(tensors):
-            if not (np.isfinite(lo[i]) and np.isfinite(hi[i])):
-                raise QuantizationError(
-                    f"{src}: tensor {name!r} has non-finite values on the calibration tiles"
-                )
-            ranges[name] = TensorRange(float(lo[i]), float(hi[i]))
-        if method == "percentile":
-            _percentiles(
-                src,
-                feed,
-                per_tile,
-                work,
-                tensors,
-                tiles,
-                ranges,
-                percentile,
-                batch_tiles,
-                max_output_bytes,
-                threads,
-            )
-    return ranges
-
-
-def _tensor_elems_per_tile(skeleton: onnx.ModelProto) -> dict[str, int | None]:
-    inferred = onnx.shape_inference.infer_shapes(skeleton)
-    sizes: dict[str, int | None] = {}
-    for vi in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        static = [d.dim_value for d in dims[1:]]
-        sizes[vi.name] = int(np.prod(static)) if dims and all(static) else None
-    return sizes
-
-
-def _percentiles(
-    src: Path,
-    feed: str,
-    per_tile: dict[str, int | None],
-    work: Path,
-    tensors: list[str],
-    tiles: np.ndarray,
-    ranges: dict[str, TensorRange],
-    percentile: float,
-    batch_tiles: int,
-    max_output_bytes: int,
-    threads: int | None,
-) -> None:
-    """Pass 2: histogram |x| per tensor on [0, amax]; groups of tensors bounded by bytes."""
-    groups: list[list[str]] = [[]]
-    used = 0
-    for name in tensors:
-        n = per_tile.get(name)
-        cost = (n or max_output_bytes) * 4 * batch_tiles
-        if groups[-1] and used + cost > max_output_bytes:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += cost
-    for group in groups:
-
-        def expose(model: onnx.ModelProto, group: list[str] = group) -> None:
-            del model.graph.output[:]
-            model.graph.output.extend(
-                helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in group
-            )
-
-        sess = _session(src, work, threads, expose)
-        hists = {n: np.zeros(_HIST_BINS, dtype=np.int64) for n in group}
-        for batch in _batches(tiles, batch_tiles):
-            for name, value in zip(group, sess.run(group, {feed: batch}), strict=True):
-                amax = ranges[name].amax or 1.0
-                hists[name] += np.histogram(np.abs(value), bins=_HIST_BINS, range=(0.0, amax))[0]
-        del sess
-        for name in group:
-            cdf = np.cumsum(hists[name])
-            k = int(np.searchsorted(cdf, cdf[-1] * percentile / 100.0))
-            amax = ranges[name].amax
-            ranges[name].threshold = min(amax, amax * (k + 1) / _HIST_BINS)
-
-
-# --- Q/DQ graph ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _QParams:
-    scale: float
-    zero_point: int
-    dtype: int  # TensorProto.INT8 or UINT8
-
-
-def activation_qparams(r: TensorRange, *, symmetric: bool, min_scale: float = 0.0) -> _QParams:
-    """Scale/zero point of an activation: symmetric int8 (zp 0) or asymmetric uint8; the scale
-    is at least `min_scale`."""
-    if symmetric:
-        a = r.threshold if r.threshold is not None else r.amax
-        return _QParams(max(a / 127.0, min_scale) if a > 0 else 1.0, 0, TensorProto.INT8)
-    lo, hi = min(r.min, 0.0), max(r.max, 0.0)
-    if r.threshold is not None:
-        lo, hi = max(lo, -r.threshold), min(hi, r.threshold)
-    scale = max((hi - lo) / 255.0, min_scale) if hi > lo else 1.0
-    zp = int(np.clip(np.rint(-lo / scale), 0, 255))
-    return _QParams(scale, zp, TensorProto.UINT8)
-
-
-def quantize_weight(
-    w: np.ndarray, axis: int, *, per_channel: bool, reduce_range: bool = False, min_scale: float = 0.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 weights in [-127, 127] ([-63, 63] with `reduce_range`) and their scales
-    ([C] along `axis`, or a scalar; each at least `min_scale`, the weights rounded for it)."""
-    qmax = 63.0 if reduce_range else 127.0
-    if per_channel:
-        other = tuple(i for i in range(w.ndim) if i != axis)
-        amax = np.abs(w).max(axis=other)
-    else:
-        amax = np.asarray(np.abs(w).max())
-    scale = np.where(amax > 0, np.maximum(amax / qmax, min_scale), 1.0).astype(np.float32)
-    shape = [1] * w.ndim
-    if per_channel:
-        shape[axis] = -1
-    q = np.clip(np.rint(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
-    return q, scale
-
-
-def insert_qdq(
-    model: onnx.ModelProto,
-    gemms: list[WeightGemm],
-    ranges: dict[str, TensorRange],
-    *,
-    symmetric_activations: bool,
-    per_channel: bool,
-    reduce_range: bool = False,
-    min_scale: float = 0.0,
-) -> int:
-    """Rewrite `model` in place: Q/DQ on each GEMM's activation, int8 weight + DQ. Returns the count."""
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    by_node = {q.node: q for q in gemms}
-    q_out: dict[str, str] = {}
-    new_nodes: list[onnx.NodeProto] = []
-    new_inits: list[onnx.TensorProto] = []
-    weight_q: dict[str, tuple[str, str, str, int]] = {}
-
-    def const(name: str, arr: np.ndarray) -> str:
-        new_inits.append(numpy_helper.from_array(arr, name))
-        return name
-
-    for node in g.node:
-        q = by_node.get(node.name)
-        if q is None:
-            new_nodes.append(node)
-            continue
-        act = q.activation
-        p = activation_qparams(ranges[act], symmetric=symmetric_activations, min_scale=min_scale)
-        np_dtype = np.int8 if p.dtype == TensorProto.INT8 else np.uint8
-        if act not in q_out:
-            scale = const(f"{act}_scale", np.array(p.scale, dtype=np.float32))
-            zp = const(f"{act}_zero_point", np.array(p.zero_point, dtype=np_dtype))
-            q_out[act] = f"{act}_quantized"
-            new_nodes.append(
-                helper.make_node(
-                    "QuantizeLinear", [act, scale, zp], [q_out[act]], name=f"{act}_QuantizeLinear"
-                )
-            )
-        dq_act = f"{act}_dequantized_for_{node.name}"
-        new_nodes.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [q_out[act], f"{act}_scale", f"{act}_zero_point"],
-                [dq_act],
-                name=f"{act}_DequantizeLinear_{node.name}",
-            )
-        )
-        if q.weight not in weight_q:
-            w = numpy_helper.to_array(inits[q.weight])
-            wq, ws = quantize_weight(
-                w, q.axis, per_channel=per_channel, reduce_range=reduce_range, min_scale=min_scale
-            )
-            qname = const(f"{q.weight}_quantized", wq)
-            sname = const(f"{q.weight}_scale", ws)
-            zname = const(f"{q.weight}_zero_point", np.zeros(ws.shape, dtype=np.int8))
-            weight_q[q.weight] = (qname, sname, zname, q.axis)
-        qname, sname, zname, axis = weight_q[q.weight]
-        dq_w = f"{q.weight}_dequantized_for_{node.name}"
-        attrs = {"axis": axis} if per_channel else {}
-        new_nodes.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [qname, sname, zname],
-                [dq_w],
-                name=f"{q.weight}_DequantizeLinear_{node.name}",
-                **attrs,
-            )
-        )
-        node.input[0] = dq_act
-        node.input[1] = dq_w
-        new_nodes.append(node)
-
-    still_used = {name for n in new_nodes for name in n.input}
-    kept = [t for t in g.initializer if t.name in still_used or t.name not in weight_q]
-    del g.initializer[:]
-    g.initializer.extend(kept + new_inits)
-    del g.node[:]
-    g.node.extend(new_nodes)
-    return len(by_node)
-
-
-# --- the entry point ----------------------------------------------------------------------------
 
 
 def _as_tile_array(tiles: Iterable[np.ndarray]) -> np.ndarray:
@@ -600,7 +195,7 @@ def quantize_vision_int8(
 
     if entry is not None and (entry / "result.json").is_file():
         meta = json.loads((entry / "result.json").read_text())
-        _copy_onnx(entry / "model.onnx", dst, external_data_threshold)
+        copy_onnx(entry / "model.onnx", dst, external_data_threshold)
         shutil.copyfile(entry / "ranges.json", ranges_dst)
         return QuantizeResult(
             path=dst,
@@ -663,7 +258,7 @@ def quantize_vision_int8(
     )
     helper.set_model_props(model, props)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    _save_onnx(model, dst, external_data_threshold)
+    save_onnx(model, dst, external_data_threshold)
     del model
     onnx.checker.check_model(os.fspath(dst))
     _write_ranges(ranges_dst, ranges, settings, src)
@@ -671,7 +266,7 @@ def quantize_vision_int8(
     if entry is not None:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
-        _copy_onnx(dst, tmp / "model.onnx", external_data_threshold)
+        copy_onnx(dst, tmp / "model.onnx", external_data_threshold)
         shutil.copyfile(ranges_dst, tmp / "ranges.json")
         (tmp / "result.json").write_text(
             json.dumps(

@@ -92,9 +92,10 @@ def build_runtime_assets(base: Path) -> RuntimeAssets:
 
     import torch
     from eyecare_edge.export.exporter import ExportOptions, export_bundle
+    from eyecare_edge.phantom import make_phantom_dataset
     from eyecare_edge.training.checkpoint import init_checkpoint
-    from eyecare_edge.training.synthetic import make_phantom_dataset
-    from eyecare_edge.training.train import TrainOptions, run_training
+    from eyecare_edge.training.train import run_training
+    from eyecare_edge.training.train_options import TrainOptions
 
     make_phantom_dataset(assets.phantom, PHANTOM_IMAGES, PHANTOM_SEED, bench_fraction=0.25, multi_turn=True)
     _downscale_images(assets.phantom / "images", IMAGE_SIDE)

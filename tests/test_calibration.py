@@ -20,12 +20,9 @@ from eyecare_edge.calibration.data import (
     data_digest,
     image_paths,
 )
-from eyecare_edge.calibration.qdq import (
-    collect_ranges,
-    find_weight_gemms,
-    quantize_vision_int8,
-    quantize_weight,
-)
+from eyecare_edge.calibration.qdq import quantize_vision_int8
+from eyecare_edge.calibration.qdq_graph import find_weight_gemms, quantize_weight
+from eyecare_edge.calibration.ranges import collect_ranges
 from eyecare_edge.export.onnx_vision import export_vision_onnx
 from eyecare_edge.export.vision_validate import compare_embeddings, run_onnx
 from eyecare_edge.training.modeling import EyecareGPTForConditionalGeneration

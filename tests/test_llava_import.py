@@ -291,7 +291,7 @@ def test_sci_maps_to_single_layer_groups(tmp_path, tokenizers):
 def test_dci_inferred_from_projector_width_and_tower_from_tensors(tmp_path, tokenizers, monkeypatch):
     # No mm_dense_connector_type and no vision_config: the projector's 3x width says DCI; the
     # tower's shape comes from its tensors (heads from the width table, extended for the test).
-    import eyecare_edge.training.llava_import as li
+    import eyecare_edge.training.llava_tower as li
 
     monkeypatch.setitem(li.SIGLIP_HEADS_BY_WIDTH, WIDTH, 4)
     src = build_llava(
@@ -309,7 +309,7 @@ def test_dci_inferred_from_projector_width_and_tower_from_tensors(tmp_path, toke
 
 
 def test_known_tower_table_gives_so400m_shapes():
-    from eyecare_edge.training.llava_import import KNOWN_SIGLIP_TOWERS
+    from eyecare_edge.training.llava_tower import KNOWN_SIGLIP_TOWERS
 
     so400m = KNOWN_SIGLIP_TOWERS["siglip-so400m-patch14-384"]
     assert (so400m["hidden_size"], so400m["num_hidden_layers"], so400m["num_attention_heads"]) == (
@@ -578,7 +578,7 @@ def test_qwen25_vl_llm_with_siglip_drops_qwen_visual(tmp_path, tokenizers, monke
     _write(d, state, shards=1, fmt="safetensors")
     src.tokenizer.save_pretrained(d)
     # no SigLIP config anywhere (vision_config is Qwen's): the tower's shape comes from its tensors
-    import eyecare_edge.training.llava_import as li
+    import eyecare_edge.training.llava_tower as li
 
     monkeypatch.setitem(li.SIGLIP_HEADS_BY_WIDTH, WIDTH, 4)
     plan = plan_import(d)

@@ -409,7 +409,7 @@ def test_perf_rejects_bad_usage():
 @pytest.fixture(scope="module")
 def small_image(tmp_path_factory) -> Path:
     import cv2
-    from eyecare_edge.training.synthetic import make_phantom_fundus
+    from eyecare_edge.phantom import make_phantom_fundus
 
     out = tmp_path_factory.mktemp("img") / "phantom.png"
     cv2.imwrite(str(out), cv2.cvtColor(make_phantom_fundus((600, 400), 0), cv2.COLOR_RGB2BGR))
@@ -417,7 +417,7 @@ def small_image(tmp_path_factory) -> Path:
 
 
 def test_run_perf_end_to_end_on_the_tiny_bundle(tiny_bundle, tiny_checkpoint, small_image, tmp_path):
-    from eyecare_edge.training.synthetic import make_phantom_dataset
+    from eyecare_edge.phantom import make_phantom_dataset
 
     data = make_phantom_dataset(tmp_path / "phantom", 6, 0, bench_fraction=0.5)
     bench = next(Path(data.root).glob("bench*.jsonl"))

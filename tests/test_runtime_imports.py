@@ -41,6 +41,8 @@ RUNTIME_MODULES = [
     "eyecare_edge.serve.screen",
     "eyecare_edge.serve.screen_schema",
     "eyecare_edge.commands.serve",
+    "eyecare_edge.phantom",
+    "eyecare_edge.commands.synth",
 ]
 
 

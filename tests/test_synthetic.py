@@ -17,8 +17,9 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from eyecare_edge.training import synthetic as S
+from eyecare_edge.phantom.dataset import _pixel_truth
 
+from eyecare_edge import phantom as S
 from eyecare_edge.prompts import (
     CLOSED_QA_INSTRUCTION,
     IMAGE_PLACEHOLDER,
@@ -442,7 +443,7 @@ def test_every_fundus_lesion_kind_is_visible_where_truth_says(condition):
         img = S.draw_fundus(rng, truth, size)
         assert img.shape == (540, size[0], 3) and img.dtype == np.uint8
         assert (img[:3, :3] == 0).all()  # black surround in the corners
-        rec = {"truth": S.truth_record(truth), "pixels": S._pixel_truth(truth, size)}
+        rec = {"truth": S.truth_record(truth), "pixels": _pixel_truth(truth, size)}
         seen += _check_fundus_pixels(img, rec)
     expected = {
         "moderate_dr": {"haemorrhage"},
@@ -463,7 +464,7 @@ def test_oct_conditions_are_visible_where_truth_says(condition):
         assert img.shape == (360, size[0]) and img.dtype == np.uint8
         rec = {
             "truth": S.truth_record(truth),
-            "pixels": S._pixel_truth(truth, size),
+            "pixels": _pixel_truth(truth, size),
             "height": 360,
             "width": size[0],
         }
@@ -477,7 +478,7 @@ def test_big_phantom_fundus_for_benchmarks():
     _, truth = S.make_phantom_fundus_truth(1)
     size = (3504, 2336)
     small = cv2.resize(img, (876, 584), interpolation=cv2.INTER_AREA)
-    rec = {"truth": S.truth_record(truth), "pixels": S._pixel_truth(truth, (876, 584))}
+    rec = {"truth": S.truth_record(truth), "pixels": _pixel_truth(truth, (876, 584))}
     _check_fundus_pixels(small, rec)
     assert (img[:5, :5] == 0).all() and img[size[1] // 2, size[0] // 2].sum() > 60
     a, b = S.make_phantom_fundus((400, 300), 3), S.make_phantom_fundus((400, 300), 3)
@@ -538,7 +539,7 @@ def test_cli_writes_the_files_and_prints_a_summary(tmp_path):
 
 def test_generator_and_command_import_no_torch():
     code = (
-        "import sys, eyecare_edge.commands.synth, eyecare_edge.training.synthetic;"
+        "import sys, eyecare_edge.commands.synth, eyecare_edge.phantom;"
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'accelerate') if m in sys.modules];"
         "assert not heavy, heavy"
     )
@@ -564,7 +565,7 @@ def test_pixel_checks_catch_wrong_labels():
     moved = replace(truth, lesions=tuple(replace(les, y=-les.y) for les in haemorrhages))
     for wrong in (flipped, moved):
         with pytest.raises(AssertionError):
-            _check_fundus_pixels(img, {"truth": S.truth_record(wrong), "pixels": S._pixel_truth(wrong, size)})
+            _check_fundus_pixels(img, {"truth": S.truth_record(wrong), "pixels": _pixel_truth(wrong, size)})
 
     rng = np.random.default_rng(22)
     oct_truth = S.sample_oct_truth(rng, "normal")
@@ -572,7 +573,7 @@ def test_pixel_checks_catch_wrong_labels():
     fake = replace(oct_truth, drusen=(S.RpeBump(oct_truth.fovea_x + 0.2, 0.04, 0.05),))
     rec = {
         "truth": S.truth_record(fake),
-        "pixels": S._pixel_truth(fake, (500, 300)),
+        "pixels": _pixel_truth(fake, (500, 300)),
         "height": 300,
         "width": 500,
     }

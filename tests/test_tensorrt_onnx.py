@@ -10,7 +10,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from eyecare_edge.calibration.qdq import TensorRange, activation_qparams, quantize_weight
+from eyecare_edge.calibration.qdq_graph import activation_qparams, quantize_weight
+from eyecare_edge.calibration.ranges import TensorRange
 from eyecare_edge.export.onnx_attention import attention_layout, prescale_attention_queries
 from eyecare_edge.export.onnx_fp16 import FP16_MIN_NORMAL, Fp16ConversionError, convert_fp16
 from onnx import TensorProto, helper, numpy_helper

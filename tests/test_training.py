@@ -16,13 +16,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from eyecare_edge.training.checkpoint import init_checkpoint, load_checkpoint
-from eyecare_edge.training.train import (
-    TrainingError,
-    TrainOptions,
-    resolve_options,
-    run_training,
-    training_arguments_kwargs,
-)
+from eyecare_edge.training.train import run_training, training_arguments_kwargs
+from eyecare_edge.training.train_options import TrainingError, TrainOptions, resolve_options
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Training room (`eyecare_edge.training`): EyecareGPT model, presets, phantom data, training stages.
+"""Training room (`eyecare_edge.training`): EyecareGPT model, presets, training stages.
 
 May import torch, transformers, peft, accelerate and `eyecare_edge.preprocess` / `eyecare_edge.layout`.
 """

@@ -44,7 +44,7 @@ def _dtype(name: str | torch.dtype) -> torch.dtype:
 
 def phantom_corpus(n: int = 300, seed: int = 0) -> list[str]:
     """Question, option and report texts of the phantom generator, for training a tokenizer."""
-    from eyecare_edge.training.synthetic import phantom_texts
+    from eyecare_edge.phantom import phantom_texts
 
     return phantom_texts(n, seed)
 

@@ -1,12 +1,13 @@
 """Run a training stage (`align` or `sft`) with the HF Trainer: one process, DDP or DeepSpeed.
 
-`run_training(TrainOptions)` is what `eyecare-edge train` calls, in every process that torchrun
-starts. It loads the checkpoint, sets the stage's trainable parts (`training.stages`), builds the
-dataset (`training.data`) and lets `transformers.Trainer` do the loop: cosine schedule with warmup,
-gradient accumulation, gradient checkpointing, bf16 where the GPU has it, checkpoints every
-`save_steps` with optimizer state, resume from the last one, `trainer_state.json` with the loss
-history. At the end the main process writes the final checkpoint into `out` as a plain HF
-directory (LoRA merged) that `load_checkpoint` and `eyecare-edge export` read.
+`run_training(TrainOptions)` (options: `training.train_options`) is what `eyecare-edge train`
+calls, in every process that torchrun starts. It loads the checkpoint, sets the stage's trainable
+parts (`training.stages`), builds the dataset (`training.data`) and lets `transformers.Trainer` do
+the loop: cosine schedule with warmup, gradient accumulation, gradient checkpointing, bf16 where
+the GPU has it, checkpoints every `save_steps` with optimizer state, resume from the last one,
+`trainer_state.json` with the loss history. At the end the main process writes the final
+checkpoint into `out` as a plain HF directory (LoRA merged) that `load_checkpoint` and
+`eyecare-edge export` read.
 
 The TrainingArguments are built before the model is loaded: with a DeepSpeed ZeRO-3 config this
 makes `from_pretrained` partition the weights while loading instead of materialising the whole
@@ -17,9 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,150 +28,14 @@ from eyecare_edge.training.checkpoint import load_checkpoint, read_config
 from eyecare_edge.training.collate import EyecareCollator, pop_meta
 from eyecare_edge.training.data import EyecareDataset, SkipLog, filter_tasks, read_conversations
 from eyecare_edge.training.encoding import IGNORE_INDEX
-from eyecare_edge.training.stages import STAGES, LoraSettings, configure_stage, merge_lora_state_dict
+from eyecare_edge.training.stages import configure_stage, merge_lora_state_dict
+from eyecare_edge.training.train_options import TrainingError, TrainOptions
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from eyecare_edge.errors import EyecareError
-from eyecare_edge.preprocess import BUDGETS, apply_budget
+from eyecare_edge.preprocess import apply_budget
 
 log = logging.getLogger("eyecare_edge.training")
-
-TASKS = ("closed", "open", "report")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-# Recommended learning rates (LLaVA-NeXT / Dense Connector recipes for a 4B-8B LLM).
-DEFAULT_LR = {"align": 1e-3, "sft": 2e-5, "sft-lora": 2e-4, "vision": 1e-3}
-# `vision` (training.vision_stage) trains the tower on image-level labels, before align and sft.
-ALL_STAGES = ("vision", *STAGES)
-
-
-class TrainingError(EyecareError):
-    """A run that cannot start or finish; the message says what to change."""
-
-
-@dataclass
-class TrainOptions:
-    """Everything `eyecare-edge train` takes; YAML keys and CLI options have the same names."""
-
-    init: str
-    data: str
-    out: str
-    stage: str = "sft"
-    images_root: str | None = None
-    max_steps: int | None = None
-    epochs: float | None = None  # neither max_steps nor epochs: 1 epoch
-    lr: float | None = None  # None: DEFAULT_LR for the stage
-    connector_lr: float | None = None  # None: lr
-    batch_size: int | None = None  # None: 4 for align/sft, 16 for vision (a step is one tower pass)
-    grad_accum: int = 1
-    lora_r: int | None = None
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.05
-    train_vision: bool = False
-    max_length: int | None = None  # None: the LLM's context, at most 4096
-    warmup: float = 0.03  # < 1: share of the steps; >= 1: steps
-    weight_decay: float = 0.0
-    gradient_checkpointing: bool = False
-    precision: str = "auto"
-    dtype: str = "float32"  # weights as loaded (bf16 halves memory for big models on GPU)
-    save_steps: int = 500
-    save_total_limit: int | None = 2
-    logging_steps: int = 10
-    seed: int = 0
-    resume: bool | None = None  # None: resume when `out` holds checkpoint-* directories
-    deepspeed: str | None = None
-    num_workers: int = 0
-    tasks: list[str] | None = None
-    max_samples: int | None = None
-    cache_mb: float = 1024.0
-    # Token budget (eyecare_edge.preprocess.BUDGETS) written into the trained checkpoint, so
-    # export and the runtime use the same tiling; None keeps the checkpoint's own.
-    budget: str | None = None
-    # --stage vision only: the labels file's path column and label columns (None: detected), and
-    # the share of images held out for vision_eval.json (a seeded split).
-    path_column: str | None = None
-    labels: list[str] | None = None
-    eval_fraction: float = 0.15
-    patch_init: bool = False  # PCA init of a random tower's patch embedding (vision_stage)
-    connector_init: bool = False  # align: data-dependent connector init (vision_stage.init_connector_from_data)
-
-    def __post_init__(self) -> None:
-        if self.stage not in ALL_STAGES:
-            raise TrainingError(f"unknown stage {self.stage!r}; expected one of {', '.join(ALL_STAGES)}")
-        if self.batch_size is None:
-            self.batch_size = 16 if self.stage == "vision" else 4
-        if isinstance(self.labels, str):
-            self.labels = [c.strip() for c in self.labels.split(",") if c.strip()]
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise TrainingError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.lora_r is not None and self.stage != "sft":
-            raise TrainingError("--lora-r applies to the sft stage (align trains only the connector)")
-        if self.lora_r is not None and self.lora_r < 1:
-            raise TrainingError(f"--lora-r must be >= 1, got {self.lora_r}")
-        if self.max_steps is not None and self.epochs is not None:
-            raise TrainingError("give --max-steps or --epochs, not both")
-        if self.precision not in PRECISIONS:
-            raise TrainingError(
-                f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}"
-            )
-        if self.tasks is not None:
-            if isinstance(self.tasks, str):
-                self.tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
-            bad = [t for t in self.tasks if t not in TASKS]
-            if bad or not self.tasks:
-                raise TrainingError(f"unknown task(s) {bad}; expected some of {', '.join(TASKS)}")
-        for name in ("batch_size", "grad_accum", "save_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.budget is not None and self.budget not in BUDGETS:
-            raise TrainingError(f"unknown token budget {self.budget!r}; known: {', '.join(BUDGETS)}")
-        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
-            raise TrainingError(f"DeepSpeed config not found: {self.deepspeed}")
-
-    @property
-    def learning_rate(self) -> float:
-        if self.lr is not None:
-            return float(self.lr)
-        return DEFAULT_LR["sft-lora" if self.stage == "sft" and self.lora_r else self.stage]
-
-    @property
-    def lora(self) -> LoraSettings | None:
-        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout) if self.lora_r else None
-
-
-OPTION_NAMES = tuple(f.name for f in fields(TrainOptions))
-
-
-def read_yaml_options(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Options from a YAML mapping; keys are the CLI option names (dashes or underscores)."""
-    import yaml
-
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TrainingError(f"{p}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise TrainingError(f"{p}: bad YAML ({e})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise TrainingError(f"{p}: the config must be a mapping of option: value")
-    out = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(out) - set(OPTION_NAMES))
-    if unknown:
-        raise TrainingError(f"{p}: unknown option(s) {unknown}; known: {', '.join(OPTION_NAMES)}")
-    return out
-
-
-def resolve_options(config_file: str | os.PathLike[str] | None = None, **given: Any) -> TrainOptions:
-    """Options from an optional YAML file overridden by the given (non-None) values: CLI wins."""
-    merged = read_yaml_options(config_file) if config_file else {}
-    merged.update({k: v for k, v in given.items() if v is not None})
-    missing = [k for k in ("init", "data", "out") if merged.get(k) in (None, "")]
-    if missing:
-        raise TrainingError(f"missing required option(s): {', '.join('--' + m for m in missing)}")
-    return TrainOptions(**merged)
 
 
 # --- TrainingArguments -----------------------------------------------------------------------------

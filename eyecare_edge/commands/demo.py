@@ -120,7 +120,7 @@ def demo(workdir: Path, threads: int | None) -> None:
     # 1. phantom data
     key = _key(recipe.n_images, recipe.seed)
     if not steps.done("data", key, [paths["data"] / "bench.jsonl"]):
-        from eyecare_edge.training.synthetic import make_phantom_dataset
+        from eyecare_edge.phantom import make_phantom_dataset
 
         steps.log(f"generating {recipe.n_images} phantom fundus/OCT images (synthetic) in {paths['data']}")
         ds = make_phantom_dataset(paths["data"], recipe.n_images, recipe.seed)
@@ -183,7 +183,8 @@ def _train(steps: _Steps, recipe: DemoRecipe, paths: dict[str, Path]) -> None:
         import torch
 
         from eyecare_edge.training.checkpoint import init_checkpoint
-        from eyecare_edge.training.train import TrainOptions, run_training
+        from eyecare_edge.training.train import run_training
+        from eyecare_edge.training.train_options import TrainOptions
 
         if recipe.train_threads:
             torch.set_num_threads(recipe.train_threads)

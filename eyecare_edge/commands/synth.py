@@ -1,7 +1,7 @@
 """`eyecare-edge synth`: write phantom (synthetic) fundus/OCT images with training and bench files.
 
-Needs only numpy and OpenCV: the generator lives in the training room but imports no torch, so
-this command works on a runtime-only install too.
+Needs only numpy and OpenCV: the generator lives in the torch-free phantom room
+(`eyecare_edge.phantom`), so this command works on a runtime-only install too.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def synth(
     B-scans (normal, fluid pocket, drusen) in varied sizes, with an Eyecare-100K-style train.json and
     an Eyecare-Bench-style bench.jsonl (closed, open and report items), split by image.
     """
-    from eyecare_edge.training.synthetic import make_phantom_dataset
+    from eyecare_edge.phantom import make_phantom_dataset
 
     try:
         ds = make_phantom_dataset(

@@ -123,7 +123,8 @@ def train(config_file, as_json, quiet, threads, **options) -> None:
     from eyecare_edge.training.checkpoint import CheckpointError
     from eyecare_edge.training.data import DataFormatError
     from eyecare_edge.training.labels import LabelFormatError
-    from eyecare_edge.training.train import TrainingError, resolve_options, run_training
+    from eyecare_edge.training.train import run_training
+    from eyecare_edge.training.train_options import TrainingError, resolve_options
 
     if threads:
         torch.set_num_threads(threads)

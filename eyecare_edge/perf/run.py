@@ -175,7 +175,7 @@ def phantom_child(out: str, seed: int) -> str:
     """Write a phantom fundus photograph of the HRF size (child process: training room)."""
     import cv2
 
-    from eyecare_edge.training.synthetic import make_phantom_fundus
+    from eyecare_edge.phantom import make_phantom_fundus
 
     rgb = make_phantom_fundus(PHANTOM_SIZE, seed)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""The runtime's language model: a GGUF run by llama.cpp through llama-cpp-python's low-level API.
+"""`LlamaCppLM`, the runtime's language model: a GGUF run by llama.cpp through llama-cpp-python's
+low-level API.
 
 Why the low-level API and not `llama_cpp.Llama`: a VLM prompt is text *and* image embeddings.
 llama.cpp's own multimodal path (mtmd) lays out anyres tokens differently from the model we
@@ -6,9 +7,9 @@ train, so we inject the visual rows ourselves, the way mtmd does it internally: 
 with `embd` rows (`llama_batch_init(n, n_embd, 1)`) at explicit positions, text and embeddings
 in separate decodes, every decode at most `n_batch` rows.
 
-One `LlamaCppLM` owns one model, one context (one sequence, id 0) and two reusable batches
-(tokens; embedding rows, allocated on first use). Its state is `n_past`, the number of positions
-in the KV cache. Several questions about the same image pay for the image once:
+One `LlamaCppLM` owns one `LlamaContext` (context.py: one model, one context of one sequence,
+id 0, and two reusable batches: tokens; embedding rows, allocated on first use). Its state is
+`n_past`, the number of positions in the KV cache. Several questions about the same image pay for the image once:
 
     lm.eval_prompt([head_text, image_embeds])   # prefix: system turn + image rows
     mark = lm.mark()

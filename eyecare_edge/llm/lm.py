@@ -9,7 +9,8 @@ in separate decodes, every decode at most `n_batch` rows.
 
 One `LlamaCppLM` owns one `LlamaContext` (context.py: one model, one context of one sequence,
 id 0, and two reusable batches: tokens; embedding rows, allocated on first use). Its state is
-`n_past`, the number of positions in the KV cache. Several questions about the same image pay for the image once:
+`n_past`, the number of positions in the KV cache. Several questions about the same image pay
+for the image once:
 
     lm.eval_prompt([head_text, image_embeds])   # prefix: system turn + image rows
     mark = lm.mark()

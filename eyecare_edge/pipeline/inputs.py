@@ -93,7 +93,9 @@ def decode_source(
 
 
 def decode_inputs(
-    images: ImageSource | ImageInput | Sequence[ImageSource | ImageInput], *, max_pixels: int = DEFAULT_MAX_PIXELS
+    images: ImageSource | ImageInput | Sequence[ImageSource | ImageInput],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[ImageInput]:
     """The images of one question, one frame each: a multi-frame source is an ImageError here
     (`Pipeline.decode` returns its frames, `screen` asks about each)."""

@@ -130,13 +130,13 @@ def parse_system_info(text: str) -> dict:
 
 
 def llama_info() -> dict:
-    from eyecare_edge import llm
+    from eyecare_edge.llm import binding, device
 
-    if llm._lib is None:
-        return {"installed": False, "reason": f"llama-cpp-python is not installed ({llm._IMPORT_ERROR})"}
-    version = llm.binding_version()
+    if binding.lib is None:
+        return {"installed": False, "reason": f"llama-cpp-python is not installed ({binding.IMPORT_ERROR})"}
+    version = binding.binding_version()
     try:
-        text = llm._lib.llama_print_system_info().decode(errors="replace")
+        text = binding.lib.llama_print_system_info().decode(errors="replace")
     except Exception as e:  # an old binding without it
         text = f"unavailable ({e})"
     parsed = parse_system_info(text)
@@ -146,7 +146,7 @@ def llama_info() -> dict:
         "version": version,
         "meets_floor": at_least(version, LLAMA_CPP_PYTHON_MIN),
         "floor": LLAMA_CPP_PYTHON_MIN,
-        "gpu_offload": llm.gpu_offload_supported(),
+        "gpu_offload": device.gpu_offload_supported(),
         "build": "+".join(gpu) if gpu else "CPU",
         "cpu_features": {
             k: parsed["features"].get(k, False) for k in ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16")

@@ -9,7 +9,7 @@ end-of-generation token is allowed only once the grammar is complete.
 Why llama.cpp's grammar engine and not our own: it matches token pieces (multi-byte, partial
 UTF-8) against the grammar's stacks in C++; re-implementing that in Python per token would cost
 more than the decode step. Why keep sampling in numpy: `sample_token`'s result depends only on
-the logits and the seed (see llm.py), which stays true with the mask applied.
+the logits and the seed (see llm/sampling.py), which stays true with the mask applied.
 
 JSON schemas are converted with llama-cpp-python's `json_schema_to_gbnf` (the port of
 llama.cpp's json-schema-to-grammar). That port ignores numeric bounds (minimum / maximum /

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from gpu_fakes import FakeDriver, fake_tensorrt
 
 from eyecare_edge import doctor
-from eyecare_edge import llm as llm_mod
 from eyecare_edge import tensorrt_runtime as trt_rt
 from eyecare_edge.bundle import Manifest, PromptSpec, add_file, write_manifest
 from eyecare_edge.cli import main
+from eyecare_edge.llm import device as llm_device
 from eyecare_edge.preprocess import preset_preprocess
 
 ALL = {"tensorrt", "ort-cuda", "ort-cpu", "openvino", "llama.cpp-cpu", "llama.cpp-gpu"}
@@ -105,7 +105,7 @@ def gpu_workstation(monkeypatch, tmp_path):
     monkeypatch.setattr(trt_rt, "_CudaDriver", FakeDriver)
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.3.0"))
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    monkeypatch.setattr(llm_mod, "gpu_offload_supported", lambda: False)
+    monkeypatch.setattr(llm_device, "gpu_offload_supported", lambda: False)
     monkeypatch.setattr(doctor, "is_jetson", lambda: False)
 
 
@@ -138,7 +138,7 @@ def test_jetson_without_nvidia_smi_uses_the_cuda_driver(gpu_workstation, monkeyp
         lambda: {"platform": "L4T", "arch": "aarch64", "python": "3.10", "jetson": True},
     )
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    monkeypatch.setattr(llm_mod, "gpu_offload_supported", lambda: True)
+    monkeypatch.setattr(llm_device, "gpu_offload_supported", lambda: True)
     report = doctor.diagnose()
     assert report.gpu["source"] == "cuda-driver" and report.gpu["devices"][0]["driver"] == "CUDA 12.4"
     by = {b.name: b for b in report.backends}

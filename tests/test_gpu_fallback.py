@@ -22,6 +22,8 @@ from runtime_fixtures import FAST, copy_bundle, runtime_assets
 from eyecare_edge import llm as llm_mod
 from eyecare_edge import tensorrt_runtime as trt_rt
 from eyecare_edge.bundle import add_file, read_manifest, write_manifest
+from eyecare_edge.llm import binding as llm_binding
+from eyecare_edge.llm import device as llm_device
 from eyecare_edge.versions import at_least, version_tuple
 from eyecare_edge.vision import VisionError, candidates, open_vision
 
@@ -268,14 +270,14 @@ def test_offload_defaults(monkeypatch):
 
     assert PipelineOptions().n_gpu_layers is None and PipelineOptions().flash_attn is None
     assert llm_mod.LLMOptions().n_gpu_layers is None and llm_mod.LLMOptions().flash_attn is None
-    monkeypatch.setattr(llm_mod, "gpu_offload_supported", lambda: True)
+    monkeypatch.setattr(llm_device, "gpu_offload_supported", lambda: True)
     assert llm_mod.resolve_gpu_layers(None) == -1 and llm_mod.resolve_gpu_layers(0) == 0
     assert (
         llm_mod.resolve_flash_attn(None, -1) == "auto" and llm_mod.resolve_flash_attn(None, 0) == "disabled"
     )
     assert llm_mod.resolve_flash_attn(False, -1) == "disabled"
     llm_mod.LLMOptions(kv_type="q8_0").validate()  # flash auto on a GPU can quantize V
-    monkeypatch.setattr(llm_mod, "gpu_offload_supported", lambda: False)
+    monkeypatch.setattr(llm_device, "gpu_offload_supported", lambda: False)
     assert llm_mod.resolve_gpu_layers(None) == 0 and llm_mod.resolve_flash_attn(None, 0) == "disabled"
     with pytest.raises(llm_mod.LLMError, match="needs flash_attn"):
         llm_mod.LLMOptions(kv_type="q8_0").validate()
@@ -338,7 +340,7 @@ def test_llm_falls_back_to_the_cpu_when_automatic_offload_fails(assets, monkeypa
     says why; an explicit n_gpu_layers request fails instead."""
     from eyecare_edge.pipeline import choose_llm
 
-    lib = llm_mod._lib
+    lib = llm_binding.lib
     real = lib.llama_model_load_from_file
     asked: list[int] = []
 
@@ -346,7 +348,7 @@ def test_llm_falls_back_to_the_cpu_when_automatic_offload_fails(assets, monkeypa
         asked.append(params.n_gpu_layers)
         return None if params.n_gpu_layers != 0 else real(path, params)
 
-    monkeypatch.setattr(llm_mod, "gpu_offload_supported", lambda: True)
+    monkeypatch.setattr(llm_device, "gpu_offload_supported", lambda: True)
     monkeypatch.setattr(lib, "llama_model_load_from_file", load)
     path = assets.bundle / choose_llm(read_manifest(assets.bundle), "q4_k_m").path
     with llm_mod.LlamaCppLM(path, llm_mod.LLMOptions(n_ctx=256, n_threads=1)) as lm:

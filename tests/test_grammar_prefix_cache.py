@@ -167,12 +167,12 @@ def test_grammar_never_lets_overlong_utf8_through(assets):
     gbnf = r'root ::= "\"" ( "\U0001F642 ok" | "\u6b63\u5e38" ) "\""'
     with Pipeline.load(assets.bundle, **OPTIONS) as pipe:
         lm = pipe.lm
-        pieces = lm._token_pieces()
+        pieces = lm._core.token_pieces()
         byte_token = {p[0]: t for t, p in enumerate(pieces) if len(p) == 1}
         if 0xF0 not in byte_token or 0x86 not in byte_token:
             pytest.skip("this vocabulary has no single-byte tokens for the case")
         for guard in (pieces,):  # (with guard=None, llama.cpp 0.3.36 alone allows F0 86)
-            c = GrammarConstraint(lm._vocab, gbnf, lm.n_vocab, pieces=guard)
+            c = GrammarConstraint(lm._core.vocab, gbnf, lm.n_vocab, pieces=guard)
             try:
                 for tok in (pieces.index(b'"'), byte_token[0xF0]):
                     c.accept(tok)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from llm_fixtures import quantize_gguf, smollm2_q4_path, token_embedding_matrix, write_f32_gguf
 
-from eyecare_edge import llm as llm_mod
 from eyecare_edge.llm import LlamaCppLM, LLMError, LLMOptions, TextStream, sample_token
+from eyecare_edge.llm import sampling as llm_sampling
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 QUESTIONS = (
@@ -387,12 +387,12 @@ def test_sample_token_candidate_shortcut_equals_full_sort(monkeypatch) -> None:
     big[rng.choice(50_000, 60, replace=False)] += 8.0  # a peaked head, as real logits have
     big = big.astype(np.float32)
     p = np.exp(big / 0.8 - (big / 0.8).max())
-    assert np.sort(p)[::-1][: llm_mod._TOP_P_CANDIDATES].sum() / p.sum() >= 0.9  # shortcut taken
+    assert np.sort(p)[::-1][: llm_sampling._TOP_P_CANDIDATES].sum() / p.sum() >= 0.9  # shortcut taken
     fast = [
         sample_token(big, temperature=0.8, top_p=0.9, top_k=0, rng=np.random.default_rng(s))
         for s in range(40)
     ]
-    monkeypatch.setattr(llm_mod, "_TOP_P_CANDIDATES", big.shape[0])
+    monkeypatch.setattr(llm_sampling, "_TOP_P_CANDIDATES", big.shape[0])
     full = [
         sample_token(big, temperature=0.8, top_p=0.9, top_k=0, rng=np.random.default_rng(s))
         for s in range(40)

@@ -11,7 +11,7 @@ next-token distribution puts less than `Protocol.min_option_probability` on all 
 together (it wanted to say something else), the best letter would be a guess, so none is
 recorded.
 
-A general grammar-constrained decoder (a GBNF argument to `llm.py`, added separately) could
+A general grammar-constrained decoder (a GBNF argument to `eyecare_edge.llm`, added separately) could
 express the same restriction; the two could converge by building this one's allowed-token set
 from a one-rule grammar. Scoring stays useful there for the probabilities it reports.
 """

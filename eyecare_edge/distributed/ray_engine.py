@@ -199,10 +199,10 @@ class ScreenWorker:
 def crash_rows(source: Source, questions: Sequence[Question], task: str, digest: str, why: str) -> list[dict]:
     """Error lines for a source no worker survived: one per question (frames unknown: the file
     is not decoded on the driver, where a crash would end the run)."""
-    from eyecare_edge.screening import _file_sha256
+    from eyecare_edge.bundle import sha256_file
 
     try:
-        sha: str | None = _file_sha256(Path(source.path))
+        sha: str | None = sha256_file(Path(source.path))
     except OSError:
         sha = None
     return [

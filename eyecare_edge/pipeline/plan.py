@@ -1,0 +1,66 @@
+"""What a bundle's language model gets when it is loaded: which GGUF (`choose_llm`), which visual
+token budget (`token_budget`) and how many context positions (`default_n_ctx`)."""
+
+from __future__ import annotations
+
+from eyecare_edge.bundle import BundleError, FileEntry, Manifest
+from eyecare_edge.preprocess import PreprocessConfig
+from eyecare_edge.reduce import TokenBudget, max_kept_tokens, parse_visual_tokens
+
+# `llm="auto"`: the first of these the bundle holds (and export did not fail): Q4_K_M is the
+# accuracy/speed point for CPUs and Jetsons (ANCHORS: ~1 benchmark point), then bigger files.
+LLM_AUTO_ORDER = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0", "f16", "bf16", "f32")
+# Positions kept free for the question and the answer when `n_ctx` is derived from the plan.
+TEXT_ROOM = 1024
+# Phi-3.5's LongRoPE switches factors at 4096 in HF but by allocated context in llama.cpp.
+PHI3_MAX_CTX = 4096
+
+
+def choose_llm(manifest: Manifest, wanted: str) -> FileEntry:
+    """The GGUF entry for `wanted` (a precision, or auto)."""
+    have = manifest.precisions("llm", "gguf")
+    if wanted != "auto":
+        entry = manifest.find("llm", format="gguf", precision=wanted)
+        if entry is None:
+            raise BundleError(f"bundle has no {wanted} GGUF (it has: {', '.join(have) or 'none'})")
+        return entry
+    ok = [p for p in have if manifest.validation.get(f"llm_{p}", {}).get("passed", True)]
+    for p in (*LLM_AUTO_ORDER, *ok):
+        if p in ok:
+            return manifest.find("llm", format="gguf", precision=p)  # type: ignore[return-value]
+    raise BundleError(f"bundle has no usable GGUF (it has: {', '.join(have) or 'none'})")
+
+
+def max_visual_tokens(config: PreprocessConfig) -> int:
+    """An upper bound on one image's visual tokens under `config`: the global view, plus the
+    largest allowed canvas's map, capped where anyres_max compression starts (a map is left
+    alone up to a side ratio of 1.1, i.e. 1.21 x N tiles' worth of cells), plus row newlines."""
+    n = config.tokens_per_side
+    most = 0
+    for h, w in config.allowed_pinpoints():
+        rows, cols = (h // config.tile_size) * n, (w // config.tile_size) * n
+        cells = rows * cols
+        if config.anyres_max > 0:
+            cells = min(cells, int(1.21 * config.anyres_max * n * n) + 1)
+        most = max(most, cells + rows)
+    return n * n + most
+
+
+def default_n_ctx(manifest: Manifest, config: PreprocessConfig, budget: TokenBudget | None = None) -> int:
+    """Enough positions for the largest image plan (after the token budget) plus TEXT_ROOM
+    (multiple of 256), capped at the model's trained context (Phi-3.5: at most 4096). The KV
+    cache is n_ctx positions (Phi-3.5 has no GQA: 384 KiB per position in F16), so a budget
+    lowers peak memory too."""
+    most = max_kept_tokens(max_visual_tokens(config), config, budget)
+    want = -(-(most + TEXT_ROOM) // 256) * 256
+    cap = int(manifest.model.get("context_length") or manifest.model.get("max_position_embeddings") or 4096)
+    if manifest.model.get("llm_arch") == "phi3":
+        cap = min(cap, PHI3_MAX_CTX)
+    return max(256, min(want, cap))
+
+
+def token_budget(manifest: Manifest, visual_tokens: object = None, method: str | None = None) -> TokenBudget:
+    """The bundle's baked budget (`manifest.budget`) with run-time overrides applied."""
+    baked = TokenBudget.from_dict(getattr(manifest, "budget", None) or {})
+    k = baked.visual_tokens if visual_tokens is None else parse_visual_tokens(visual_tokens)  # type: ignore[arg-type]
+    return TokenBudget(k, method or baked.method)

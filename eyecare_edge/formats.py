@@ -79,7 +79,7 @@ _VISION_ROWS = (
     ExportFormat(
         "fp32",
         "vision",
-        "the reference graph; every other vision variant is derived from and checked against it",
+        "the reference; the others derive from it and are checked against it",
         ("ort-cpu", "ort-cuda", "openvino"),
         "cpu",
         {"max_abs_rel": 1e-4, "cosine_min": 0.9999},
@@ -89,7 +89,7 @@ _VISION_ROWS = (
     ExportFormat(
         "fp16",
         "vision",
-        "the GPU format (TensorRT FP16 engines, ONNX Runtime CUDA); LayerNorm and reductions in FP32",
+        "GPU: TensorRT, ONNX Runtime CUDA",
         ("tensorrt", "ort-cuda"),
         "gpu",
         {"cosine_min": 0.999},
@@ -100,7 +100,7 @@ _VISION_ROWS = (
     ExportFormat(
         "int8",
         "vision",
-        "symmetric Q/DQ INT8 on an FP16 base: what TensorRT builds its INT8 engine from",
+        "symmetric Q/DQ on an FP16 base, for TensorRT",
         ("tensorrt", "ort-cpu", "openvino"),
         "gpu",
         {"qdq_exact_cosine_mean": 0.99, "qdq_exact_error_vs_spread": 0.35},
@@ -111,7 +111,7 @@ _VISION_ROWS = (
     ExportFormat(
         "int8_u8s8",
         "vision",
-        "INT8 with uint8 activations: the CPU's fast path (ONNX Runtime, OpenVINO)",
+        "the CPU's fast path: ONNX Runtime, OpenVINO",
         ("ort-cpu", "openvino"),
         "cpu",
         {"cosine_mean": 0.99, "error_vs_spread": 0.35},

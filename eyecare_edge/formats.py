@@ -26,7 +26,8 @@ from typing import Literal
 Role = Literal["vision", "llm"]
 Prefer = Literal["cpu", "gpu", "any"]
 
-# Vision backends, in the order `--vision` lists them; "auto" tries them fastest first.
+# Vision backends, in the order `--vision` lists them after "auto" (which pairs `auto` tries, and
+# in which order, is `vision.AUTO_ORDER`).
 VISION_BACKENDS = ("tensorrt", "ort-cuda", "ort-cpu", "openvino")
 GPU_BACKENDS = ("tensorrt", "ort-cuda")
 LLM_BACKEND = "llama.cpp"

@@ -2,8 +2,8 @@
 
 Each pipeline flag is named after the `PipelineOptions` field it sets (`--threads` sets
 `n_threads`), so `pipeline_options` fills the dataclass by field name and a flag left unset leaves
-the dataclass default. Choices come from the formats table (`eyecare_edge.formats`). The table
-keeps its own CLI defaults rather than reading `PipelineOptions` at import time: importing the
+the dataclass default. Choices come from the formats table (`eyecare_edge.formats`) and
+`reduce.METHODS`. The table keeps its own CLI defaults rather than reading `PipelineOptions` at import time: importing the
 pipeline loads llama.cpp (~250 ms), and every command module is imported by `--help`;
 `tests/test_cli_options.py` keeps the two equal.
 """
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from eyecare_edge.formats import DEFAULT_KV_CACHE_TYPE, KV_CACHE_TYPES, VISION_BACKENDS, format_names
+from eyecare_edge.reduce import METHODS
 
 if TYPE_CHECKING:
     from eyecare_edge.pipeline import PipelineOptions
@@ -136,7 +137,7 @@ PIPELINE_FLAGS: dict[str, Flag] = _flags(
         "token_reduction",
         ("--token-reduction",),
         "How kept visual tokens are chosen [the bundle's, else pool].",
-        click.Choice(["pool", "diverse"]),
+        click.Choice(METHODS),
     ),
     Flag(
         "max_pixels",

@@ -11,6 +11,7 @@ from eyecare_edge.commands.options import PIPELINE_FLAGS
 from eyecare_edge.errors import EyecareError
 from eyecare_edge.formats import format_names
 from eyecare_edge.presets import DEFAULT_PRESET, preset_names
+from eyecare_edge.reduce import METHODS
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -193,10 +194,10 @@ def perf(
     if (accuracy_bundle or accuracy_ckpt) and accuracy_data is None:
         raise click.UsageError("--accuracy-bundle/--accuracy-ckpt need --accuracy-data BENCH.jsonl")
     methods = _csv(token_methods)
-    unknown = [m for m in methods if m not in ("pool", "diverse")]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise click.BadParameter(
-            f"unknown method(s) {unknown}; known: pool, diverse", param_hint="--token-methods"
+            f"unknown method(s) {unknown}; known: {', '.join(METHODS)}", param_hint="--token-methods"
         )
     opts = PerfOptions(
         preset=preset,

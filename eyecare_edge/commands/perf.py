@@ -180,11 +180,12 @@ def perf(
     The default run takes minutes on 2 cores (plus a one-off build of ~4 GB of cached files);
     figures at full depth are extrapolated per layer (see the report's `extrapolation`).
     """
+    from eyecare_edge.perf.reference import DTYPES
     from eyecare_edge.perf.report import render_table
     from eyecare_edge.perf.run import DEFAULT_WORKDIR, PerfOptions, run_perf, write_json
 
     refs = _csv(references)
-    bad = [r for r in refs if r not in ("fp32", "bf16", "fp16")]
+    bad = [r for r in refs if r not in DTYPES]
     if bad:
         raise click.BadParameter(f"unknown reference dtype(s) {bad}", param_hint="--references")
     if vision_layers == 1:

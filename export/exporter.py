@@ -1,6 +1,6 @@
 """`export_bundle`: one entry from an EyecareGPT checkpoint to a validated bundle.
 
-Formats are a table (`VISION_FORMATS`, `LLM_FORMATS`); each produced file is validated against the
+Formats are a table (`eyecare_edge.formats.export_formats()`); each produced file is validated against the
 checkpoint right after export, the figures go into the manifest, and a tolerance breach fails the
 export naming the check (unless `validate=False`). TensorRT engines are not made here: they are
 built on the target GPU (`eyecare-edge build-engine`), never shipped between machines.
@@ -24,18 +24,20 @@ import numpy as np
 
 from eyecare_edge.bundle import Manifest, PromptSpec, add_file, sha256_file, write_manifest
 from eyecare_edge.errors import EyecareError
+from eyecare_edge.formats import export_formats, format_names
 from eyecare_edge.preprocess import PreprocessConfig, apply_budget, preprocess_image
 from eyecare_edge.prompts import REPORT_PROMPT, get_template
 from eyecare_edge.reduce import NAMED_BUDGETS
 
-VISION_FORMATS = ("fp32", "fp16", "int8", "int8_u8s8")
-LLM_FORMATS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
-UNQUANTIZED_LLM = ("f32", "f16", "bf16")
+VISION_FORMATS = format_names("vision")
+LLM_FORMATS = format_names("llm")
+# the GGUF writer emits these; the other LLM types are quantized from one of them by llama.cpp
+UNQUANTIZED_LLM = tuple(f.name for f in export_formats() if f.role == "llm" and f.written)
 # fp16: the GPU format (TensorRT FP16 engines, ONNX Runtime CUDA) — a default bundle must run on a
 # GPU workstation's fast path, not silently on its CPU. int8: TensorRT's INT8 input (FP16 base);
-# int8_u8s8: the CPU's fast path. eyecare_edge/perf/build.py keeps the same tuple (tested).
-DEFAULT_VISION = ("fp32", "fp16", "int8", "int8_u8s8")
-DEFAULT_LLM = ("f16", "q8_0", "q4_k_m")
+# int8_u8s8: the CPU's fast path. All from the table (`eyecare_edge.formats`, column `default`).
+DEFAULT_VISION = format_names("vision", default=True)
+DEFAULT_LLM = format_names("llm", default=True)
 CALIBRATION_CACHE = Path(tempfile.gettempdir()) / "eyecare-edge-calibration"
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eyecare_edge import formats
 from eyecare_edge.llm import LlamaCppLM, LLMOptions
 from eyecare_edge.preprocess import preprocess_images
 from eyecare_edge.prompts import (
@@ -35,16 +36,11 @@ TEXT_QUESTIONS = (
 )
 IMAGE_QUESTION = "Describe the findings in this image."
 
-# Tolerances per GGUF type. F32 must reproduce torch (F32 KV, no flash attention: ~1e-6);
-# 16-bit types and Q8_0 must keep the model's choices; 4/5/6-bit types are bounded loosely
-# (4-bit LLMs lose ~1-1.5 benchmark points; see ANCHORS.md) and judged by the bench instead.
-LLM_TOLERANCES: dict[str, dict[str, float]] = {
-    "f32": {"max_abs_rel": 1e-3, "top1": 1.0},
-    "f16": {"top1": 0.9, "kl_mean": 0.05},
-    "bf16": {"top1": 0.9, "kl_mean": 0.05},
-    "q8_0": {"top1": 0.9, "kl_mean": 0.05},
-}
-LOW_BIT_TOLERANCE = {"top1": 0.5, "kl_mean": 1.0}
+# Tolerances per GGUF type, from the formats table. F32 must reproduce torch (F32 KV, no flash
+# attention: ~1e-6); 16-bit types and Q8_0 must keep the model's choices; 4/5/6-bit types are
+# bounded loosely (4-bit LLMs lose ~1-1.5 benchmark points; see ANCHORS.md) and judged by the
+# bench instead.
+LLM_TOLERANCES: dict[str, dict[str, float]] = formats.tolerances("llm")
 _UPPER = {"max_abs", "max_abs_rel", "kl_mean", "kl_max"}
 
 
@@ -190,7 +186,7 @@ def compare_logits(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarr
 def check(
     figures: dict, qtype: str, tolerances: dict[str, dict[str, float]] | None = None
 ) -> tuple[bool, list[str]]:
-    limits = {**LLM_TOLERANCES, **(tolerances or {})}.get(qtype, LOW_BIT_TOLERANCE)
+    limits = {**LLM_TOLERANCES, **(tolerances or {})}.get(qtype, dict(formats.LOW_BIT_LLM_TOLERANCE))
     failed = []
     for metric, bound in limits.items():
         value = figures[metric]

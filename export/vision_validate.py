@@ -25,17 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+from eyecare_edge import formats
+
 # torch is imported inside the functions that run it: `compare_embeddings` serves the
 # torch-free `build-engine` command too.
 
-# precision -> (metric, minimum or maximum, reference). "max_abs_rel" is max_abs divided by
-# max(1, max |reference|).
-DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"max_abs_rel": 1e-4, "cosine_min": 0.9999},
-    "fp16": {"cosine_min": 0.999},
-    "int8": {"qdq_exact_cosine_mean": 0.99, "qdq_exact_error_vs_spread": 0.35},
-    "int8_u8s8": {"cosine_mean": 0.99, "error_vs_spread": 0.35},
-}
+# precision -> {metric: minimum or maximum}, from the formats table (why each bound: its docstring).
+# "max_abs_rel" is max_abs divided by max(1, max |reference|).
+DEFAULT_TOLERANCES: dict[str, dict[str, float]] = formats.tolerances("vision")
 _UPPER_BOUNDS = {"max_abs", "max_abs_rel", "mean_abs", "error_vs_spread", "qdq_exact_error_vs_spread"}
 
 

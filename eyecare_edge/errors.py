@@ -40,7 +40,7 @@ class ItemsFailed(EyecareError):
 
     exit_code = EXIT_ITEMS_FAILED
 
-    def __init__(self, failed: int, total: int, where: str = "") -> None:
+    def __init__(self, failed: int, total: int, where: str = "", what: str = "items") -> None:
         self.failed, self.total = failed, total
         tail = f" (see {where})" if where else ""
-        super().__init__(f"{failed} of {total} items failed{tail}")
+        super().__init__(f"{failed} of {total} {what} failed{tail}")

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from eyecare_edge.presets import get_preset
 from eyecare_edge.resize import resize_bicubic
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -110,11 +111,13 @@ class PreprocessConfig:
 
 def preset_preprocess(preset: str) -> PreprocessConfig:
     """Preprocessing of a named preset, known without loading torch (for `inspect`)."""
-    tiles = {"tiny": 112, "smol": 384, "eyecare-3.8b": 384, "eyecare-7b": 384}
-    if preset not in tiles:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(tiles)}")
-    s = tiles[preset]
-    return PreprocessConfig(tile_size=s, patch_size=14, pinpoints=grid_pinpoints(s), anyres_max=4)
+    p = get_preset(preset)
+    return PreprocessConfig(
+        tile_size=p.tile_size,
+        patch_size=p.patch_size,
+        pinpoints=grid_pinpoints(p.tile_size),
+        anyres_max=p.anyres_max,
+    )
 
 
 # Named token budgets for `--budget`: CPU-only clinics trade detail for time-to-first-token.

@@ -15,6 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 IMAGE_PLACEHOLDER = "<image>"
+# The kinds of question the model is asked (bench records, `screen --task`, training samples):
+# closed (options, answered by letter), open (free text), report (the examination report prompt).
+TASKS = ("closed", "open", "report")
 
 REPORT_PROMPT = (
     "Write an ophthalmic examination report for this image with three sections: "

@@ -16,7 +16,8 @@ def test_inspect_real_images_json(shared_data, tmp_path):
     oct_scan = sorted((shared_data / "kermany-oct/images").rglob("*.jpeg"))[0]
     result = CliRunner().invoke(main, ["inspect", str(fundus), str(oct_scan), str(broken), "--json"])
     assert result.exit_code == 3, result.output
-    rows = json.loads(result.output)
+    assert result.stderr == "error: 1 of 3 images failed\n"  # ItemsFailed: the JSON stays on stdout
+    rows = json.loads(result.stdout)
     assert rows[0]["width"] == 3504 and rows[0]["height"] == 2336
     assert rows[0]["grid"] == [3, 2] and rows[0]["tiles"] == 7 and rows[0]["visual_tokens"] == 3677
     assert rows[1]["visual_tokens"] > 729 and rows[1]["format"] == "jpeg"

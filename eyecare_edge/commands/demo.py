@@ -17,6 +17,8 @@ from pathlib import Path
 
 import click
 
+from eyecare_edge.errors import ItemsFailed
+
 
 @dataclass(frozen=True)
 class DemoRecipe:
@@ -162,8 +164,8 @@ def demo(workdir: Path, threads: int | None) -> None:
     )
     failed = {k: v["n_errors"] for k, v in totals.items() if v["n_errors"]}
     if failed:
-        click.echo(f"error: bench items failed: {failed} (see {paths['report'] / 'results'})", err=True)
-        raise SystemExit(3)
+        where = f"{paths['report'] / 'results'}; per system: {failed}"
+        raise ItemsFailed(sum(failed.values()), sum(v["n"] for v in totals.values()), where, "bench items")
 
 
 def _train(steps: _Steps, recipe: DemoRecipe, paths: dict[str, Path]) -> None:

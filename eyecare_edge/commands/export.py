@@ -7,6 +7,16 @@ from pathlib import Path
 
 import click
 
+from eyecare_edge.commands.options import PIPELINE_FLAGS
+from eyecare_edge.errors import EyecareError
+from eyecare_edge.formats import export_formats, format_names
+from eyecare_edge.preprocess import BUDGETS
+
+
+def _listing(role: str) -> str:
+    """'fp32, fp16, ...' with each format's one-line description, for `--help`."""
+    return ", ".join(f"{f.name} ({f.description})" for f in export_formats() if f.role == role)
+
 
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip().lower() for v in value.split(",") if v.strip())
@@ -24,15 +34,15 @@ def _csv(value: str) -> tuple[str, ...]:
 )
 @click.option(
     "--vision",
-    default="fp32,fp16,int8,int8_u8s8",
+    default=",".join(format_names("vision", default=True)),
     show_default=True,
-    help="Vision ONNX variants: fp32, fp16, int8 (symmetric Q/DQ, for TensorRT), int8_u8s8 (ONNX Runtime CPU).",
+    help=f"Vision ONNX variants: {_listing('vision')}.",
 )
 @click.option(
     "--llm",
-    default="f16,q8_0,q4_k_m",
+    default=",".join(format_names("llm", default=True)),
     show_default=True,
-    help="LLM GGUF types: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0.",
+    help=f"LLM GGUF types: {', '.join(format_names('llm'))}.",
 )
 @click.option(
     "--calibration",
@@ -40,15 +50,15 @@ def _csv(value: str) -> tuple[str, ...]:
     help="INT8 calibration images: a folder, a bench JSONL or a LLaVA JSON (default: the shipped samples).",
 )
 @click.option("--calibration-images", default=16, show_default=True, help="Images used for calibration.")
-@click.option("--max-tiles", type=int, default=None, help="Token budget: at most N patch tiles per image.")
+@PIPELINE_FLAGS["max_tiles"].option()
 @click.option("--anyres-max", type=int, default=None, help="Compression cap N of anyres_max_N.")
 @click.option(
     "--budget",
-    type=click.Choice(["full", "balanced", "fast", "minimal"]),
+    type=click.Choice(list(BUDGETS)),
     default=None,
     help="Named token budget (fast: for CPU-only clinics).",
 )
-@click.option("--threads", type=int, default=None, help="CPU threads for calibration and validation.")
+@PIPELINE_FLAGS["n_threads"].option(param="threads", help="CPU threads for calibration and validation.")
 @click.option(
     "--no-validate", is_flag=True, help="Skip the comparisons with the checkpoint (not recommended)."
 )
@@ -73,7 +83,6 @@ def export(
     Exit code 1 (naming the check) when a validation figure is outside its tolerance.
     """
     from eyecare_edge.export.exporter import ExportError, ExportFailed, ExportOptions, export_bundle
-    from eyecare_edge.training.checkpoint import CheckpointError
 
     options = ExportOptions(
         vision=_csv(vision),
@@ -95,9 +104,9 @@ def export(
         result = export_bundle(checkpoint, out_dir, options, progress=progress)
     except ExportFailed as e:
         _summary(e.result)
-        raise click.ClickException(str(e)) from e
-    except (ExportError, CheckpointError, ValueError, OSError) as e:
-        raise click.ClickException(f"export failed: {e}") from e
+        raise  # "validation failed: <the checks>", exit 1
+    except (EyecareError, ValueError, OSError) as e:  # CheckpointError, ExportError, a bad file
+        raise ExportError(f"export failed: {e}") from e
     _summary(result)
     click.echo(
         f"bundle written to {result.bundle} in {time.perf_counter() - t0:.1f} s "

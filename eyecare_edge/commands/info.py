@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -32,10 +31,7 @@ def info(bundle: Path, verify: bool, as_json: bool) -> None:
     """
     from eyecare_edge.bundle import BundleError, read_manifest, verify_bundle
 
-    try:
-        m = read_manifest(bundle)
-    except BundleError as e:
-        raise click.ClickException(str(e)) from e
+    m = read_manifest(bundle)  # BundleError: exit 1
     problems = verify_bundle(bundle, m) if verify else []
     if as_json:
         out = m.to_dict()
@@ -82,4 +78,4 @@ def info(bundle: Path, verify: bool, as_json: bool) -> None:
             else:
                 click.echo(f"verified {len(m.files)} files: all match")
     if problems:
-        sys.exit(1)
+        raise BundleError(f"{bundle}: {len(problems)} file(s) differ from the manifest")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import click
 
-PRESET_NAMES = ["tiny", "smol", "eyecare-3.8b", "eyecare-7b"]
+from eyecare_edge.presets import PRESETS
 
 
 @click.command("init")
-@click.option("--preset", type=click.Choice(PRESET_NAMES), help="Model size to build.")
+@click.option("--preset", type=click.Choice(list(PRESETS)), help="Model size to build.")
 @click.option(
     "--vision",
     "vision_dir",
@@ -96,21 +96,18 @@ def init(
         raise click.UsageError("give --preset (or --from-llava DIR)")
     if dry_run or allow_pickle or allow_missing:
         raise click.UsageError("--dry-run/--allow-pickle/--allow-missing only apply to --from-llava")
-    from eyecare_edge.training.checkpoint import CheckpointError, init_checkpoint
+    from eyecare_edge.training.checkpoint import init_checkpoint
 
-    try:
-        path = init_checkpoint(
-            preset,
-            out_dir,
-            vision_dir=vision_dir,
-            llm_dir=llm_dir,
-            dtype=dtype,
-            seed=seed,
-            llm_layers=llm_layers,
-            vision_layers=vision_layers,
-        )
-    except CheckpointError as e:
-        raise click.ClickException(str(e)) from e
+    path = init_checkpoint(  # CheckpointError: exit 1
+        preset,
+        out_dir,
+        vision_dir=vision_dir,
+        llm_dir=llm_dir,
+        dtype=dtype,
+        seed=seed,
+        llm_layers=llm_layers,
+        vision_layers=vision_layers,
+    )
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     click.echo(
         f"wrote {preset} checkpoint to {path} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s"

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
 from eyecare_edge.commands.common import resolve_preprocess
+from eyecare_edge.commands.options import PIPELINE_FLAGS, options
+from eyecare_edge.errors import ItemsFailed
+from eyecare_edge.presets import DEFAULT_PRESET, preset_names
+from eyecare_edge.reduce import NAMED_BUDGETS
 
 
 @click.command("inspect")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
-    "--preset", default=None, help="Preset whose preprocessing to plan with (default eyecare-3.8b)."
+    "--preset",
+    default=None,
+    help=f"Preset whose preprocessing to plan with: {', '.join(preset_names())} (default {DEFAULT_PRESET}).",
 )
 @click.option(
     "--checkpoint",
@@ -26,17 +31,17 @@ from eyecare_edge.commands.common import resolve_preprocess
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Use a bundle's preprocessing.",
 )
-@click.option("--max-tiles", type=int, default=None, help="Token budget: at most N patch tiles.")
-@click.option(
-    "--visual-tokens",
-    default=None,
-    help="Visual tokens per image the LLM reads: a count, a fraction (0.25 or 25%), or 'all' "
-    "[a bundle's budget, else all].",
+@options(
+    PIPELINE_FLAGS["max_tiles"].option(),
+    PIPELINE_FLAGS["visual_tokens"].option(
+        help="Visual tokens per image the LLM reads: a count, a fraction (0.25 or 25%), or 'all' "
+        "[a bundle's budget, else all]."
+    ),
+    PIPELINE_FLAGS["token_reduction"].option(),
 )
-@click.option("--token-reduction", type=click.Choice(["pool", "diverse"]), default=None)
 @click.option(
     "--budget",
-    type=click.Choice(["full", "balanced", "fast"]),
+    type=click.Choice(list(NAMED_BUDGETS)),
     default=None,
     help="A named budget of `export --budget` (tiles + kept tokens).",
 )
@@ -54,7 +59,7 @@ def inspect_images(
     """
     from eyecare_edge.images import ImageError, load_images
     from eyecare_edge.preprocess import plan_image
-    from eyecare_edge.reduce import NAMED_BUDGETS, kept_tokens
+    from eyecare_edge.reduce import kept_tokens
 
     config = resolve_preprocess(preset=preset, checkpoint=checkpoint, bundle=bundle, max_tiles=max_tiles)
     named = NAMED_BUDGETS[budget] if budget else {}
@@ -122,8 +127,9 @@ def inspect_images(
                     else ""
                 )
             )
-    if any("error" in r for r in rows):
-        sys.exit(3)
+    failed = sum("error" in r for r in rows)
+    if failed:
+        raise ItemsFailed(failed, len(rows), what="images")
 
 
 def resolve_reduction(preset, checkpoint, bundle, visual_tokens, method):
@@ -145,7 +151,7 @@ def resolve_reduction(preset, checkpoint, bundle, visual_tokens, method):
         elif checkpoint is not None:
             shape = shapes_from_config(json.loads((checkpoint / "config.json").read_text()))[0]
         else:
-            shape = llm_shape_for(preset or "eyecare-3.8b")
+            shape = llm_shape_for(preset or DEFAULT_PRESET)
         base = TokenBudget.from_dict(baked)
         k = base.visual_tokens if visual_tokens is None else parse_visual_tokens(visual_tokens)
         return TokenBudget(k, method or base.method), shape

@@ -7,6 +7,12 @@ from pathlib import Path
 
 import click
 
+from eyecare_edge.commands.options import PIPELINE_FLAGS
+from eyecare_edge.errors import EyecareError
+from eyecare_edge.formats import format_names
+from eyecare_edge.presets import DEFAULT_PRESET, preset_names
+from eyecare_edge.reduce import METHODS
+
 
 def _csv(value: str) -> tuple[str, ...]:
     if value.strip().lower() in ("", "none"):
@@ -36,8 +42,8 @@ def _token_budgets(value: str) -> tuple[float | int, ...]:
 @click.command("perf")
 @click.option(
     "--preset",
-    type=click.Choice(["eyecare-3.8b", "eyecare-7b", "smol", "tiny"]),
-    default="eyecare-3.8b",
+    type=click.Choice(preset_names()),
+    default=DEFAULT_PRESET,
     show_default=True,
     help="Shapes to measure (a random-weight checkpoint and bundle are built once and cached).",
 )
@@ -79,7 +85,7 @@ def _token_budgets(value: str) -> tuple[float | int, ...]:
     default=None,
     help="Cache of checkpoints, bundles and logs [~/.cache/eyecare-edge/perf].",
 )
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [physical cores].")
+@PIPELINE_FLAGS["n_threads"].option(param="threads", help="CPU threads [physical cores].")
 @click.option("--decode-tokens", type=click.IntRange(min=2), default=64, show_default=True)
 @click.option(
     "--time-box",
@@ -90,7 +96,10 @@ def _token_budgets(value: str) -> tuple[float | int, ...]:
 )
 @click.option("--references", default="fp32,bf16", show_default=True, help="transformers dtypes, or 'none'.")
 @click.option(
-    "--llm-variants", default="f16,bf16,q8_0,q4_k_m", show_default=True, help="GGUF types to measure."
+    "--llm-variants",
+    default=",".join(format_names("llm", measured=True)),
+    show_default=True,
+    help="GGUF types to measure.",
 )
 @click.option("--no-vision-backends", is_flag=True, help="Skip the per-backend vision measurements.")
 @click.option(
@@ -171,12 +180,12 @@ def perf(
     The default run takes minutes on 2 cores (plus a one-off build of ~4 GB of cached files);
     figures at full depth are extrapolated per layer (see the report's `extrapolation`).
     """
+    from eyecare_edge.perf.reference import DTYPES
     from eyecare_edge.perf.report import render_table
-    from eyecare_edge.perf.rss import ChildError
     from eyecare_edge.perf.run import DEFAULT_WORKDIR, PerfOptions, run_perf, write_json
 
     refs = _csv(references)
-    bad = [r for r in refs if r not in ("fp32", "bf16", "fp16")]
+    bad = [r for r in refs if r not in DTYPES]
     if bad:
         raise click.BadParameter(f"unknown reference dtype(s) {bad}", param_hint="--references")
     if vision_layers == 1:
@@ -186,10 +195,10 @@ def perf(
     if (accuracy_bundle or accuracy_ckpt) and accuracy_data is None:
         raise click.UsageError("--accuracy-bundle/--accuracy-ckpt need --accuracy-data BENCH.jsonl")
     methods = _csv(token_methods)
-    unknown = [m for m in methods if m not in ("pool", "diverse")]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise click.BadParameter(
-            f"unknown method(s) {unknown}; known: pool, diverse", param_hint="--token-methods"
+            f"unknown method(s) {unknown}; known: {', '.join(METHODS)}", param_hint="--token-methods"
         )
     opts = PerfOptions(
         preset=preset,
@@ -223,13 +232,14 @@ def perf(
 
     try:
         report = run_perf(opts, progress)
-    except (ChildError, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    except (FileNotFoundError, ValueError) as e:  # ChildError is an EyecareError already
+        raise EyecareError(str(e)) from e
     if sys.argv and Path(sys.argv[0]).name.startswith("eyecare-edge"):
         report["config"]["command"] = "eyecare-edge " + " ".join(sys.argv[1:])
     click.echo(render_table(report))
     if json_out is not None:
         write_json(report, json_out)
         click.echo(f"report: {json_out}", err=True)
-    if check_targets and any(t["met"] is False for t in report["targets"]):
-        sys.exit(1)
+    missed = [t for t in report["targets"] if t["met"] is False]
+    if check_targets and missed:
+        raise EyecareError(f"{len(missed)} target(s) missed (see the table)")

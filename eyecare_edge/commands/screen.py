@@ -7,8 +7,10 @@ from pathlib import Path
 
 import click
 
-from eyecare_edge.commands.ask import pipeline_options, runtime_options
+from eyecare_edge.commands.options import MAX_TOKENS, pipeline_options, runtime_options
 from eyecare_edge.commands.screen_ray import ray_options
+from eyecare_edge.errors import EyecareError, ItemsFailed
+from eyecare_edge.prompts import TASKS
 
 
 @click.command("screen")
@@ -23,7 +25,7 @@ from eyecare_edge.commands.screen_ray import ray_options
 )
 @click.option(
     "--task",
-    type=click.Choice(["report", "closed", "open"]),
+    type=click.Choice(sorted(TASKS, key=lambda t: t != "report")),
     default="report",
     show_default=True,
     help="report: the bundle's report prompt; open: --questions or a default open question; closed: --questions with options.",
@@ -44,12 +46,7 @@ from eyecare_edge.commands.screen_ray import ray_options
 )
 @click.option("--resume", is_flag=True, help="Continue OUTPUT: skip items already in it.")
 @click.option("--retry-errors", is_flag=True, help="With --resume: run items that ended in an error again.")
-@click.option(
-    "--max-tokens",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Most tokens per answer [report 512, else 256].",
-)
+@MAX_TOKENS.option()
 @click.option("--no-progress", is_flag=True, help="No progress bar (stderr).")
 @click.option(
     "--protocol",
@@ -129,9 +126,8 @@ def screen(
     Exit codes: 0 every item succeeded; 3 finished with per-item errors; 1 could not start
     (bad bundle, unwritable output); 2 bad usage.
     """
-    from eyecare_edge.bundle import BundleError, read_manifest
+    from eyecare_edge.bundle import read_manifest
     from eyecare_edge.distributed.inputs import scan_paths
-    from eyecare_edge.llm import LLMError
     from eyecare_edge.pipeline import Pipeline
     from eyecare_edge.screening import (
         InputScan,
@@ -142,7 +138,6 @@ def screen(
         load_questions,
         run_screen,
     )
-    from eyecare_edge.vision import VisionError
 
     if retry_errors and not resume:
         raise click.UsageError("--retry-errors needs --resume")
@@ -154,17 +149,13 @@ def screen(
             raise click.UsageError(
                 "--protocol/--sr-dir/--fhir-dir ask the protocol's questions; drop --questions/-q"
             )
-        from eyecare_edge.clinical.outputs import ClinicalOutputError
         from eyecare_edge.clinical.protocol import ProtocolError
         from eyecare_edge.clinical.screen_hook import ScreenClinical
 
-        try:
+        try:  # ClinicalOutputError (an unwritable folder) is an EyecareError: exit 1
             clinical = ScreenClinical.prepare(protocol_file, sr_dir, fhir_dir, anonymize)
         except ProtocolError as e:
             raise click.UsageError(str(e)) from e
-        except ClinicalOutputError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
         task = "protocol"
     if engine == "ray" and (clinical is not None or anonymize):
         raise click.UsageError(
@@ -189,17 +180,13 @@ def screen(
     except ScreenError as e:
         raise click.UsageError(str(e)) from e
 
-    try:
-        manifest = read_manifest(bundle)
-    except BundleError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+    manifest = read_manifest(bundle)  # BundleError: exit 1
     try:
         if clinical is not None:
             questions = clinical.questions()
         elif questions is None:
             questions = default_questions(task, manifest.prompt.report_prompt)
-        if engine == "ray":  # never returns: exits with the run's code
+        if engine == "ray":
             from eyecare_edge.commands.screen_ray import screen_on_ray
 
             screen_on_ray(
@@ -221,6 +208,7 @@ def screen(
                 part_format=part_format or "jsonl",
                 sources_per_batch=sources_per_batch or 1,
             )
+            return
         # Checked before the model loads: a refused output should not cost a minute of loading.
         results_cls = ResultsFile
         if anonymize:
@@ -229,8 +217,7 @@ def screen(
     except ScreenError as e:
         raise click.UsageError(str(e)) from e
     except OSError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+        raise EyecareError(str(e)) from e
     if results.truncated_bytes:
         click.echo(
             f"{output}: dropped a cut last line ({results.truncated_bytes} bytes); it runs again", err=True
@@ -243,10 +230,9 @@ def screen(
 
     try:
         pipe = Pipeline.load(bundle, pipeline_options(runtime), progress=notice)
-    except (BundleError, VisionError, LLMError) as e:
+    except BaseException:  # EyecareError: exit 1, with the output closed
         results.close()
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+        raise
     with pipe:
         click.echo(pipe.describe(), err=True)
         extra = {
@@ -260,8 +246,9 @@ def screen(
                 hooks = clinical.attach(pipe, results_path=output, resume=resume, max_tokens=limit)
             except (ValueError, OSError) as e:  # an option letter the vocabulary lacks; an unwritable folder
                 results.close()
-                click.echo(f"error: {e}", err=True)
-                sys.exit(1)
+                if isinstance(e, EyecareError):
+                    raise
+                raise EyecareError(str(e)) from e
         with results, _progress_bar(len(files) * len(questions), disabled=no_progress) as progress:
             try:
                 summary = run_screen(
@@ -315,8 +302,10 @@ def screen(
         for line in clinical.failures[:10]:
             click.echo(f"  error: {line}", err=True)
         if clinical.failures:
-            sys.exit(3)
-    sys.exit(s.exit_code)
+            n = len(clinical.failures)
+            raise ItemsFailed(n, clinical.n_written + n, what="clinical files")
+    if s.exit_code:
+        raise ItemsFailed(s.n_errors + s.n_previous_errors, s.n_items + s.n_skipped, where=str(output))
 
 
 class _progress_bar:

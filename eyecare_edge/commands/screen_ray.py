@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from eyecare_edge.commands.ask import pipeline_options
+from eyecare_edge.commands.options import pipeline_options
+from eyecare_edge.errors import EyecareError, ItemsFailed
 
 _RAY_OPTIONS = [
     click.option(
@@ -77,7 +78,8 @@ def screen_on_ray(
     part_format: str,
     sources_per_batch: int = 1,
 ) -> None:
-    """Resolve sources, open the parts directory, run the pool, print the summary, exit."""
+    """Resolve sources, open the parts directory, run the pool, print the summary; `ItemsFailed`
+    (exit 3) when some items ended in an error."""
     from eyecare_edge.distributed.inputs import resolve_sources
     from eyecare_edge.distributed.parts import PartsDir
     from eyecare_edge.screening import ScreenError
@@ -88,16 +90,14 @@ def screen_on_ray(
     try:
         from eyecare_edge.distributed.ray_engine import RayScreenConfig, print_summary, run_ray_screen
     except ImportError as e:
-        err(f"error: --engine ray needs Ray ({e}); pip install 'eyecare-edge[ray]'")
-        sys.exit(1)
+        raise EyecareError(f"--engine ray needs Ray ({e}); pip install 'eyecare-edge[ray]'") from e
     try:
         sources = resolve_sources(inputs)
         parts = PartsDir(output, digest=digest, resume=resume, retry_errors=retry_errors, fmt=part_format)
     except ScreenError as e:
         raise click.UsageError(str(e)) from e
     except OSError as e:
-        err(f"error: {e}")
-        sys.exit(1)
+        raise EyecareError(str(e)) from e
     st = parts.state
     if st.dropped_errors:
         err(f"{output}: retrying {st.dropped_errors} item(s) that ended in an error")
@@ -122,7 +122,8 @@ def screen_on_ray(
         err(f"\ninterrupted; finished items are in {output}: rerun with --resume")
         sys.exit(130)
     except Exception as e:  # Ray's own errors (cannot connect, an actor that cannot load the bundle)
-        err(f"error: the ray run failed: {type(e).__name__}: {' '.join(str(e).split())[:2000]}")
-        sys.exit(1)
+        raise EyecareError(f"the ray run failed: {type(e).__name__}: {' '.join(str(e).split())[:2000]}") from e
     print_summary(summary, str(output), err)
-    sys.exit(summary.exit_code)
+    if summary.exit_code:
+        s = summary
+        raise ItemsFailed(s.n_errors + s.n_previous_errors, s.n_items + s.n_skipped, where=str(output))

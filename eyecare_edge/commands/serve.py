@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import socket
 import stat
-import sys
 from pathlib import Path
 
 import click
 
-from eyecare_edge.commands.ask import pipeline_options, runtime_options
+from eyecare_edge.commands.options import pipeline_options, runtime_options
+from eyecare_edge.errors import EyecareError
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -32,8 +32,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.listen(2048)
     except OSError as e:
         sock.close()
-        click.echo(f"error: cannot listen on {host}:{port} ({e.strerror or e})", err=True)
-        sys.exit(1)
+        raise EyecareError(f"cannot listen on {host}:{port} ({e.strerror or e})") from e
     sock.set_inheritable(True)
     return sock
 
@@ -83,23 +82,18 @@ def _clinical_config(
     asked = bool(protocol_files or sr_dir or fhir_dir or anonymize)
     try:
         from eyecare_edge.clinical import ProtocolError
-        from eyecare_edge.clinical.outputs import ClinicalOutputError
         from eyecare_edge.serve.screen import load_clinical_config
     except ImportError as e:
         reason = f"the clinical extra is not installed: pip install 'eyecare-edge[clinical]' ({e})"
         if asked:
-            click.echo(f"error: {reason}", err=True)
-            sys.exit(1)
+            raise EyecareError(reason) from e
         return None, reason
-    try:
+    try:  # ClinicalOutputError (an unwritable folder) is an EyecareError: exit 1
         return load_clinical_config(protocol_files, sr_dir, fhir_dir, anonymize, max_frames), ""
     except ProtocolError as e:
         if not asked:
             return None, str(e)
         raise click.UsageError(f"--protocol: {e}") from None
-    except ClinicalOutputError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
 
 
 @click.command("serve")
@@ -253,15 +247,11 @@ def serve(
 
         from eyecare_edge.serve.app import ServeConfig, ServerState, create_app
     except ImportError as e:
-        click.echo(
-            f"error: the server needs the serve extra: pip install 'eyecare-edge[serve]' ({e})", err=True
-        )
-        sys.exit(1)
-    from eyecare_edge.bundle import BundleError, read_manifest
+        raise EyecareError(f"the server needs the serve extra: pip install 'eyecare-edge[serve]' ({e})") from e
+    from eyecare_edge.bundle import read_manifest
     from eyecare_edge.llm import physical_cores
     from eyecare_edge.pipeline import Pipeline, choose_llm
     from eyecare_edge.prefix_cache import PrefixCache
-    from eyecare_edge.reduce import parse_visual_tokens
     from eyecare_edge.serve.limits import is_loopback_host
     from eyecare_edge.serve.media import MediaPolicy
 
@@ -275,21 +265,13 @@ def serve(
             f"--host {host} is reachable from other machines; refusing to serve it without an API key "
             "(give --api-key-file FILE or --api-key KEY, or bind 127.0.0.1)"
         )
-    opts = pipeline_options(runtime)
-    try:  # checked before the port opens: a typo should not start a server that then cannot load
-        parse_visual_tokens(opts.visual_tokens)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--visual-tokens") from e
+    opts = pipeline_options(runtime)  # checks --visual-tokens before the port opens
     if opts.n_threads is None:
         opts.n_threads = max(1, physical_cores() // workers)
     if opts.vision_threads is None:
         opts.vision_threads = max(1, physical_cores() // workers)
-    try:
-        manifest = read_manifest(bundle)
-        choose_llm(manifest, opts.llm)
-    except BundleError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+    manifest = read_manifest(bundle)  # BundleError: exit 1, before the port opens
+    choose_llm(manifest, opts.llm)
 
     clinical, clinical_reason = _clinical_config(
         list(protocol_files), sr_dir, fhir_dir, anonymize, max_frames
@@ -363,5 +345,4 @@ def serve(
     finally:
         sock.close()
     if state.status == "error":
-        click.echo(f"error: {state.load_error}", err=True)
-        sys.exit(1)
+        raise EyecareError(state.load_error)

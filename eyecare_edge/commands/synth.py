@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from eyecare_edge.errors import EyecareError
+
 
 @click.command(
     epilog=(
@@ -84,7 +86,7 @@ def synth(
             multi_turn=not single_turn,
         )
     except OSError as e:
-        raise click.ClickException(f"could not write phantom data to {out_dir}: {e}") from e
+        raise EyecareError(f"could not write phantom data to {out_dir}: {e}") from e
     if as_json:
         click.echo(
             json.dumps(

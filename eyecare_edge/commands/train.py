@@ -120,19 +120,14 @@ def train(config_file, as_json, quiet, threads, **options) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     import torch
 
-    from eyecare_edge.training.checkpoint import CheckpointError
-    from eyecare_edge.training.data import DataFormatError
-    from eyecare_edge.training.labels import LabelFormatError
+    from eyecare_edge.errors import EyecareError
     from eyecare_edge.training.train import run_training
-    from eyecare_edge.training.train_options import TrainingError, resolve_options
+    from eyecare_edge.training.train_options import resolve_options
 
     if threads:
         torch.set_num_threads(threads)
-    try:
-        opts = resolve_options(config_file, **options)
-        result = run_training(opts, progress=not quiet)
-    except (TrainingError, DataFormatError, CheckpointError, LabelFormatError) as e:
-        raise click.ClickException(str(e)) from e
+    opts = resolve_options(config_file, **options)  # TrainingError, DataFormatError...: exit 1
+    result = run_training(opts, progress=not quiet)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # one summary per run, from the main process
     if as_json:
@@ -140,4 +135,4 @@ def train(config_file, as_json, quiet, threads, **options) -> None:
     else:
         click.echo(result.summary())
     if not Path(result.out, "config.json").is_file():
-        raise click.ClickException(f"{result.out}: no final checkpoint was written")
+        raise EyecareError(f"{result.out}: no final checkpoint was written")

@@ -45,6 +45,7 @@ import onnx
 from eyecare_edge.calibration.data import tiles_digest
 from onnx import TensorProto, helper, numpy_helper
 
+from eyecare_edge.bundle import sha256_files
 from eyecare_edge.errors import EyecareError
 
 QDQ_VERSION = 1
@@ -151,13 +152,7 @@ def find_weight_gemms(model: onnx.ModelProto) -> list[WeightGemm]:
 def model_sha256(path: str | Path) -> str:
     """sha256 over an ONNX file and its external-data file(s), in a fixed order."""
     path = Path(path)
-    h = hashlib.sha256()
-    for f in [path, *_external_files(path)]:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 22):
-                h.update(block)
-    return h.hexdigest()
+    return sha256_files([path, *_external_files(path)])
 
 
 def _external_files(path: Path) -> list[Path]:

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eyecare_edge.bundle import BundleError, FileEntry, Manifest, read_manifest
+from eyecare_edge.bundle import BundleError, FileEntry, Manifest, read_manifest, require_valid
 from eyecare_edge.images import (
     DEFAULT_MAX_PIXELS,
     DecodedImage,
@@ -77,7 +77,6 @@ from eyecare_edge.vision import (
     load_newline,
     newline_entry,
     open_vision,
-    verify_entries,
 )
 
 # `llm="auto"`: the first of these the bundle holds (and export did not fail): Q4_K_M is the
@@ -380,7 +379,7 @@ class Pipeline:
             budget = token_budget(manifest, opts.visual_tokens, opts.token_reduction)
         except ValueError as e:
             raise BundleError(f"{root}: {e}") from e
-        check = (lambda entries: verify_entries(root, entries)) if opts.verify else None
+        check = (lambda entries: require_valid(root, entries)) if opts.verify else None
 
         llm_entry = choose_llm(manifest, opts.llm)
         nl_entry = newline_entry(manifest)

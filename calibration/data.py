@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eyecare_edge.bundle import sha256_file
 from eyecare_edge.errors import EyecareError
 from eyecare_edge.images import SUPPORTED_SUFFIXES, ImageError, load_images
 from eyecare_edge.preprocess import PreprocessConfig, preprocess_image
@@ -93,14 +94,6 @@ def image_paths(source: str | os.PathLike[str]) -> list[Path]:
 def _shuffled(paths: list[Path], seed: int) -> list[Path]:
     order = np.random.default_rng(seed).permutation(len(paths))
     return [paths[i] for i in order]
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -190,7 +183,7 @@ def data_digest(
     h.update(json.dumps(settings, sort_keys=True).encode())
     for pick in _decodable(source, max_images=max_images, seed=seed, start=start, report=report):
         report.images.append(str(pick.path))
-        h.update(_file_sha256(pick.path).encode())
+        h.update(sha256_file(pick.path).encode())
     if not report.images:
         raise CalibrationDataError(
             f"{source}: no usable calibration image ({report.n_skipped} of {report.n_candidates} skipped)"

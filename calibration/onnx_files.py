@@ -3,7 +3,6 @@ named after the graph (`<name>.data`), so a model over 2 GB stays loadable."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -12,18 +11,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from eyecare_edge.bundle import sha256_file
+from eyecare_edge.bundle import sha256_files
 
 
 def model_sha256(path: str | Path) -> str:
-    """sha256 over an ONNX file and its external-data file(s), in a fixed order (name and content
-    digest of each)."""
+    """sha256 over an ONNX file and its external-data file(s), in a fixed order: the same digest a
+    TensorRT engine records as its `onnx_sha256` (`bundle.sha256_files`)."""
     path = Path(path)
-    h = hashlib.sha256()
-    for f in [path, *external_files(path)]:
-        h.update(f.name.encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
+    return sha256_files([path, *external_files(path)])
 
 
 def external_files(path: Path) -> list[Path]:

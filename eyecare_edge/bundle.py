@@ -12,6 +12,8 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,12 +49,78 @@ def file_format(name: str) -> str:
     raise BundleError(f"{name}: not an allowed bundle file (allowed: {', '.join(ALLOWED_SUFFIXES)})")
 
 
-def sha256_file(path: str | Path, *, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+def _hash_into(update: Callable[[bytes], None], path: str | os.PathLike[str], chunk: int = 1 << 22) -> None:
+    """Feed a file to a hash's `update` in 4 MiB blocks, so a 2 GB GGUF never sits in memory whole."""
     with open(path, "rb") as f:
         while block := f.read(chunk):
-            h.update(block)
+            update(block)
+
+
+def sha256_file(path: str | os.PathLike[str], *, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of one file's bytes: what the manifest records and every digest check compares."""
+    h = hashlib.sha256()
+    _hash_into(h.update, path, chunk)
     return h.hexdigest()
+
+
+def sha256_files(paths: Iterable[str | os.PathLike[str]]) -> str:
+    """Hex sha256 over several files in the given order, each as its name then its bytes.
+
+    The identity of an ONNX graph with its external-data file(s): TensorRT engine records
+    (`onnx_sha256`) and the calibration cache key are this digest, so its layout must not change.
+    """
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(Path(path).name.encode())
+        _hash_into(h.update, path)
+    return h.hexdigest()
+
+
+class DigestMemo:
+    """Digests of files, remembered per process by what the file system says about each file.
+
+    Hashing a 2 GB GGUF takes seconds; a server that reloads a pipeline, a screen run that opens
+    several, or a TensorRT engine lookup after the pipeline's own check should pay for it once per
+    file version. The key is (resolved path, device, inode, size, mtime_ns, ctime_ns): a file
+    rewritten in place gets a new mtime (or size), one replaced by rename a new inode, and one
+    whose mtime was set back (`touch -d`, `cp -p`) a new ctime, which user code cannot set — so a
+    file changed on disk is hashed again, and an unchanged one is not. (A rewrite of the same size
+    within one tick of the file system's clock after the first hash is the one change it cannot
+    see.) Thread-safe; nothing but digests is kept.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[tuple, str] = {}
+        self._lock = threading.Lock()
+
+    def digest(
+        self, paths: Sequence[str | os.PathLike[str]], compute: Callable[[], str], kind: str = "sha256"
+    ) -> str:
+        """`compute()` unless the same `kind` of digest of these exact file versions is known."""
+        key = (kind, *(_stat_key(Path(p)) for p in paths))
+        with self._lock:
+            hit = self._known.get(key)
+        if hit is not None:
+            return hit
+        value = compute()
+        with self._lock:
+            self._known[key] = value
+        return value
+
+    def sha256(self, path: str | os.PathLike[str]) -> str:
+        return self.digest([path], lambda: sha256_file(path))
+
+
+def _stat_key(path: Path) -> tuple:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return (str(path), None)
+    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+# One per process: the digest of a file version never changes, so sharing it is safe.
+DIGESTS = DigestMemo()
 
 
 @dataclass
@@ -212,26 +280,39 @@ class Problem:
         return f"{self.path}: {self.reason}"
 
 
+def verify_files(
+    bundle: str | os.PathLike[str], entries: Iterable[FileEntry], *, memo: DigestMemo = DIGESTS
+) -> list[Problem]:
+    """The one integrity check: each entry's file present, of the recorded size and sha256.
+
+    Digests come from `memo` (the process's `DIGESTS` unless a test passes its own), so a file
+    checked by the pipeline, then by the TensorRT engine lookup, then by a reload is hashed once
+    per version on disk. Returns what is missing or differs, in `entries` order.
+    """
+    root = Path(bundle)
+    problems: list[Problem] = []
+    for entry in entries:
+        full = root / entry.path
+        if not full.is_file():
+            problems.append(Problem(entry.path, "missing"))
+            continue
+        size = full.stat().st_size
+        if size != entry.size:
+            problems.append(Problem(entry.path, f"size {size} differs from the manifest's {entry.size}"))
+        elif memo.sha256(full) != entry.sha256:
+            problems.append(Problem(entry.path, "sha256 differs from the manifest (file changed or corrupt)"))
+    return problems
+
+
 def verify_bundle(
     bundle: str | Path, manifest: Manifest | None = None, *, only: list[str] | None = None
 ) -> list[Problem]:
-    """Check sizes and digests (of `only` these paths, or all); list what is missing or differs."""
+    """Audit a whole bundle (`info --verify`): `verify_files` on its entries (`only` these paths,
+    or all), plus every file in the directory that a bundle may not hold."""
     root = Path(bundle)
     manifest = manifest or read_manifest(root)
-    problems: list[Problem] = []
-    for f in manifest.files:
-        if only is not None and f.path not in only:
-            continue
-        full = root / f.path
-        if not full.is_file():
-            problems.append(Problem(f.path, "missing"))
-            continue
-        size = full.stat().st_size
-        if size != f.size:
-            problems.append(Problem(f.path, f"size {size} differs from the manifest's {f.size}"))
-            continue
-        if sha256_file(full) != f.sha256:
-            problems.append(Problem(f.path, "sha256 differs from the manifest (file changed or corrupt)"))
+    entries = [f for f in manifest.files if only is None or f.path in only]
+    problems = verify_files(root, entries)
     for child in sorted(root.iterdir()) if root.is_dir() else []:
         if child.is_file() and child.name not in (MANIFEST,):
             try:
@@ -241,9 +322,14 @@ def verify_bundle(
     return problems
 
 
-def require_valid(bundle: str | Path, manifest: Manifest, *, only: list[str] | None = None) -> None:
-    """Raise BundleError naming every file that does not match the manifest."""
-    problems = verify_bundle(bundle, manifest, only=only)
+def require_valid(bundle: str | os.PathLike[str], entries: Sequence[FileEntry]) -> None:
+    """Raise BundleError naming every file of `entries` that does not match the manifest.
+
+    The `check` the runtime hands to `eyecare_edge.vision.open_vision` and the LLM loader: only
+    the files about to be read are checked, before they are read, so a corrupt file is reported
+    by name rather than as a parser's error.
+    """
+    problems = verify_files(bundle, entries)
     if problems:
         listing = "; ".join(str(p) for p in problems)
         raise BundleError(f"{bundle}: bundle does not match its manifest: {listing}")

@@ -184,10 +184,10 @@ def gpu_report() -> dict:
     devices = _nvidia_smi()
     if devices:
         return {"present": True, "source": "nvidia-smi", "devices": devices}
-    from eyecare_edge import tensorrt_runtime as trt_rt
+    from eyecare_edge.vision import tensorrt as trt_rt
 
     try:
-        drv = trt_rt._CudaDriver()
+        drv = trt_rt.CudaDriver()
         driver = drv.driver_version()
         devices = [
             {"index": i, "name": drv.name(i), "compute_capability": drv.compute_capability(i),
@@ -207,7 +207,7 @@ def gpu_report() -> dict:
 
 
 def tensorrt_report() -> dict:
-    from eyecare_edge import tensorrt_runtime as trt_rt
+    from eyecare_edge.vision import tensorrt as trt_rt
 
     ok, detail = trt_rt.tensorrt_available()
     return {"available": ok, "version": detail if ok else None, "reason": None if ok else detail}

@@ -3,7 +3,7 @@
 The floors are where the APIs the runtime calls appeared, not a taste: llama-cpp-python 0.3.35
 brought `LLAMA_LOAD_MODE_*` (the GGUF load mode `llm.LlamaCppLM` sets); TensorRT 10 is the first
 with the tensor-name I/O API (`set_input_shape`, `execute_async_v3`) and strongly typed networks
-that `tensorrt_runtime` builds and runs (JetPack 6 carries 10.x). pyproject.toml states the same
+that `eyecare_edge.vision.tensorrt` builds and runs (JetPack 6 carries 10.x). pyproject.toml states the same
 llama-cpp-python floor; TensorRT is not a pip dependency on Jetson, so it is checked at run time.
 """
 

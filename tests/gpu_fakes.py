@@ -1,18 +1,18 @@
 """Test-only fakes for hardware this machine lacks: a CUDA driver with pretend GPUs and a
 `tensorrt` module whose builder fails in chosen ways. Only the hardware is faked: the code under
-test (`vision`, `tensorrt_runtime`, `doctor`) runs for real on top of them."""
+test (`vision`, its `tensorrt` and `engines`, `doctor`) runs for real on top of them."""
 
 from __future__ import annotations
 
 import types
 
-from eyecare_edge import tensorrt_runtime as trt_rt
+from eyecare_edge.vision import tensorrt as trt_rt
 
 # --- fakes for the hardware --------------------------------------------------------------------
 
 
 class FakeDriver:
-    """The CUDA driver calls `tensorrt_runtime` makes, on a pretend machine with `n` GPUs;
+    """The CUDA driver calls `eyecare_edge.vision.tensorrt` makes, on a pretend machine with `n` GPUs;
     records the context made current (per device) so tests can see which GPU work ran on."""
 
     log: list[tuple] = []

@@ -73,7 +73,7 @@ def test_every_error_class_has_a_documented_exit_code():
     for module in (
         "eyecare_edge.bundle",
         "eyecare_edge.vision",
-        "eyecare_edge.tensorrt_runtime",
+        "eyecare_edge.vision.tensorrt",
         "eyecare_edge.llm",
         "eyecare_edge.images",
         "eyecare_edge.screening",

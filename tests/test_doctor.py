@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from gpu_fakes import FakeDriver, fake_tensorrt
 
 from eyecare_edge import doctor
-from eyecare_edge import tensorrt_runtime as trt_rt
 from eyecare_edge.bundle import Manifest, PromptSpec, add_file, write_manifest
 from eyecare_edge.cli import main
 from eyecare_edge.llm import device as llm_device
 from eyecare_edge.preprocess import preset_preprocess
+from eyecare_edge.vision import tensorrt as trt_rt
 
 ALL = {"tensorrt", "ort-cuda", "ort-cpu", "openvino", "llama.cpp-cpu", "llama.cpp-gpu"}
 
@@ -102,7 +102,7 @@ def gpu_workstation(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", f"{smi.parent}:{__import__('os').environ['PATH']}")
     FakeDriver.log = []
     monkeypatch.setattr(FakeDriver, "n", 1)
-    monkeypatch.setattr(trt_rt, "_CudaDriver", FakeDriver)
+    monkeypatch.setattr(trt_rt, "CudaDriver", FakeDriver)
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.3.0"))
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     monkeypatch.setattr(llm_device, "gpu_offload_supported", lambda: False)

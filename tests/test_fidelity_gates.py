@@ -25,7 +25,7 @@ def test_unvalidated_export_is_not_recorded_as_passed(tmp_path_factory):
 
 def test_engine_without_fp32_onnx_is_not_validated(tmp_path_factory, monkeypatch):
     """Fake only the GPU engine runner (no GPU here); the comparison logic is the real one."""
-    from eyecare_edge import tensorrt_runtime as te
+    from eyecare_edge.vision import engine_build as te
 
     class FakeRunner:
         def __init__(self, path, device=0):

@@ -83,15 +83,16 @@ def test_exporter_and_validators_read_the_table():
 def test_runtime_lists_equal_the_table():
     """Lists the runtime still keeps (vision, TensorRT, llama.cpp, perf) equal the table's until
     they read it (see the formats/presets note in ARCHITECTURE.md)."""
-    from eyecare_edge import llm, tensorrt_runtime, vision
+    from eyecare_edge import llm, vision
     from eyecare_edge.perf import build
+    from eyecare_edge.vision import engine_build, engines
 
     assert format_names("vision") == vision.PRECISIONS
     assert set(vision.BACKENDS) == {"auto", *VISION_BACKENDS} and vision.GPU_BACKENDS == GPU_BACKENDS
     assert set(llm.KV_TYPES) == set(KV_CACHE_TYPES)
-    engines = {f.name: f.engine_check for f in export_formats() if f.engine_check is not None}
-    assert engines == tensorrt_runtime.ENGINE_TOLERANCES
-    assert set(tensorrt_runtime.ENGINE_PRECISIONS) == set(engines)
+    checks = {f.name: f.engine_check for f in export_formats() if f.engine_check is not None}
+    assert checks == engine_build.ENGINE_TOLERANCES
+    assert set(engines.ENGINE_PRECISIONS) == set(checks)
     assert format_names("vision", default=True) == build.DEFAULT_VISION
     assert format_names("llm", measured=True) == build.DEFAULT_LLM
 

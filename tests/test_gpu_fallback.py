@@ -1,5 +1,5 @@
-"""GPU backend choice and fallback on a CPU machine: the real choice/fallback code of `vision`,
-`tensorrt_runtime` and `llm`, with only the hardware faked (a fake `tensorrt` module, a fake CUDA
+"""GPU backend choice and fallback on a CPU machine: the real choice/fallback code of `vision`
+(with its `tensorrt`, `engines`) and `llm`, with only the hardware faked (a fake `tensorrt` module, a fake CUDA
 driver, monkeypatched ONNX Runtime provider lists, a fake llama.cpp offload flag).
 
 What is proven: `auto`'s order and a recorded reason per skip; every failure type a GPU backend
@@ -20,12 +20,12 @@ from gpu_fakes import FakeDriver, current_device, fake_tensorrt
 from runtime_fixtures import FAST, copy_bundle, runtime_assets
 
 from eyecare_edge import llm as llm_mod
-from eyecare_edge import tensorrt_runtime as trt_rt
 from eyecare_edge.bundle import add_file, read_manifest, write_manifest
 from eyecare_edge.llm import binding as llm_binding
 from eyecare_edge.llm import device as llm_device
 from eyecare_edge.versions import at_least, version_tuple
-from eyecare_edge.vision import VisionError, candidates, open_vision
+from eyecare_edge.vision import VisionError, candidates, engine_build, engines, open_vision
+from eyecare_edge.vision import tensorrt as trt_rt
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def gpu_bundle(assets, tmp_path_factory):
 def gpu_machine(monkeypatch):
     """A pretend GPU machine: fake CUDA driver; no TensorRT until a test installs a fake one."""
     FakeDriver.log = []
-    monkeypatch.setattr(trt_rt, "_CudaDriver", FakeDriver)
+    monkeypatch.setattr(trt_rt, "CudaDriver", FakeDriver)
     monkeypatch.setitem(sys.modules, "tensorrt", None)
 
     def install(trt):
@@ -173,7 +173,7 @@ def test_missing_onnxruntime_in_the_engine_check(gpu_bundle, gpu_machine, monkey
         def __call__(self, tiles):
             return np.zeros((tiles.shape[0], 4, 8), np.float32)
 
-    monkeypatch.setattr(trt_rt, "EngineRunner", Runner)
+    monkeypatch.setattr(engine_build, "EngineRunner", Runner)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(VisionError, match=r"onnxruntime is not installed .*eyecare-edge\[cpu\]") as err:
         open_vision(gpu_bundle, read_manifest(gpu_bundle), backend="tensorrt", precision="fp16")
@@ -181,7 +181,7 @@ def test_missing_onnxruntime_in_the_engine_check(gpu_bundle, gpu_machine, monkey
     assert not list(gpu_bundle.glob("*.engine"))
     # the build-engine command's path: ensure_engine itself raises the TensorRTError
     with pytest.raises(trt_rt.TensorRTError, match="onnxruntime is not installed"):
-        trt_rt.ensure_engine(gpu_bundle, read_manifest(gpu_bundle), "int8")
+        engines.ensure_engine(gpu_bundle, read_manifest(gpu_bundle), "int8")
 
 
 def test_tensorrt_error_is_a_vision_error():
@@ -195,7 +195,7 @@ def test_tensorrt_error_is_a_vision_error():
 def test_builder_runs_in_the_requested_gpus_context(gpu_bundle, gpu_machine, tmp_path):
     seen: dict = {}
     gpu_machine(fake_tensorrt(seen=seen))
-    info = trt_rt.build_engine(
+    info = engine_build.build_engine(
         gpu_bundle / "vision_fp16.onnx", tmp_path / "e.engine", max_tiles=4, opt_tiles=2, device=1
     )
     assert seen["builder_device"] == 1 and info.gpu_name == "Fake GPU 1"

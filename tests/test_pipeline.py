@@ -467,7 +467,7 @@ def test_default_n_ctx_caps_at_trained_context_and_phi3(assets):
 def test_pipeline_import_pulls_in_no_torch():
     code = (
         "import sys\n"
-        "import eyecare_edge.pipeline, eyecare_edge.screening, eyecare_edge.vision, eyecare_edge.tensorrt_runtime\n"
+        "import eyecare_edge.pipeline, eyecare_edge.screening, eyecare_edge.vision, eyecare_edge.vision.engines\n"
         "import eyecare_edge.commands.ask, eyecare_edge.commands.screen\n"
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'accelerate', 'onnx') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

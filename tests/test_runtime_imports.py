@@ -24,7 +24,8 @@ RUNTIME_MODULES = [
     "eyecare_edge.vision",
     "eyecare_edge.pipeline",
     "eyecare_edge.screening",
-    "eyecare_edge.tensorrt_runtime",
+    "eyecare_edge.vision.tensorrt",
+    "eyecare_edge.vision.engines",
     "eyecare_edge.versions",
     "eyecare_edge.doctor",
     "eyecare_edge.commands.doctor",
@@ -63,5 +64,16 @@ def test_cli_help_lists_commands_without_torch():
         "assert 'inspect' in r.output and 'export' in r.output; "
         "r = CliRunner().invoke(main, ['inspect', '--help']); assert r.exit_code == 0; "
         "assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_vision_import_loads_no_backend_library():
+    """onnxruntime, OpenVINO and TensorRT are imported when a backend is opened, not with the
+    package: a camera PC without TensorRT or a Jetson without OpenVINO imports it cheaply."""
+    code = (
+        "import sys, eyecare_edge.vision, eyecare_edge.vision.engines, eyecare_edge.vision.engine_build; "
+        "loaded = [m for m in ('tensorrt', 'onnxruntime', 'openvino', 'torch') if m in sys.modules]; "
+        "assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

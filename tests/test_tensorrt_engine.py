@@ -11,19 +11,20 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from eyecare_edge import tensorrt_runtime as te
 from eyecare_edge.bundle import FileEntry, Manifest, PromptSpec, add_file, read_manifest, write_manifest
 from eyecare_edge.preprocess import preset_preprocess
+from eyecare_edge.vision import engine_build, engines
+from eyecare_edge.vision import tensorrt as trt_rt
 
-TRT_OK, TRT_DETAIL = te.tensorrt_available()
+TRT_OK, TRT_DETAIL = trt_rt.tensorrt_available()
 
 
 def _gpu_reason() -> str | None:
     if not TRT_OK:
         return f"TensorRT not available: {TRT_DETAIL}"
     try:
-        te.gpu_info(0)
-    except te.CudaError as e:
+        trt_rt.gpu_info(0)
+    except trt_rt.CudaError as e:
         return f"no NVIDIA GPU: {e}"
     return None
 
@@ -39,20 +40,20 @@ SHA = "a" * 64
 
 def test_default_tile_counts_follow_the_preprocessing():
     full = preset_preprocess("eyecare-3.8b")
-    opt, most = te.default_tile_counts(full)
+    opt, most = engines.default_tile_counts(full)
     assert most == 3 * 3 + 1  # largest 3x3 canvas + global view
     assert opt == 2 * 3 + 1  # a 3:2 fundus photo -> 2x3 canvas + global view
-    assert te.default_tile_counts(full.replace(max_tiles=4)) == (4 + 1, 4 + 1)
-    assert te.default_tile_counts(full.replace(max_tiles=1)) == (2, 2)
+    assert engines.default_tile_counts(full.replace(max_tiles=4)) == (4 + 1, 4 + 1)
+    assert engines.default_tile_counts(full.replace(max_tiles=1)) == (2, 2)
 
 
 def test_profile_shapes():
-    shapes = te.profile_shapes(384, max_tiles=10, opt_tiles=7)
+    shapes = engine_build.profile_shapes(384, max_tiles=10, opt_tiles=7)
     assert shapes == {"min": (1, 3, 384, 384), "opt": (7, 3, 384, 384), "max": (10, 3, 384, 384)}
     with pytest.raises(ValueError):
-        te.profile_shapes(384, max_tiles=4, opt_tiles=7)
+        engine_build.profile_shapes(384, max_tiles=4, opt_tiles=7)
     with pytest.raises(ValueError):
-        te.profile_shapes(384, max_tiles=4, opt_tiles=2, min_tiles=0)
+        engine_build.profile_shapes(384, max_tiles=4, opt_tiles=2, min_tiles=0)
 
 
 def test_engine_key_depends_on_every_input():
@@ -61,34 +62,34 @@ def test_engine_key_depends_on_every_input():
         precision="fp16",
         trt_version="10.3.0",
         compute_capability="8.7",
-        profile=te.profile_shapes(384, max_tiles=10, opt_tiles=7),
+        profile=engine_build.profile_shapes(384, max_tiles=10, opt_tiles=7),
     )
-    key = te.engine_key(**base)
-    assert key == te.engine_key(**base) and len(key) == 64
+    key = engine_build.engine_key(**base)
+    assert key == engine_build.engine_key(**base) and len(key) == 64
     changes = [
         {"onnx_sha256": "b" * 64},
         {"precision": "int8"},
         {"trt_version": "11.0.0"},
         {"compute_capability": "9.0"},
-        {"profile": te.profile_shapes(384, max_tiles=12, opt_tiles=7)},
+        {"profile": engine_build.profile_shapes(384, max_tiles=12, opt_tiles=7)},
     ]
-    assert len({te.engine_key(**{**base, **c}) for c in changes} | {key}) == len(changes) + 1
+    assert len({engine_build.engine_key(**{**base, **c}) for c in changes} | {key}) == len(changes) + 1
 
 
 def test_file_names_are_bundle_files():
     from eyecare_edge.bundle import file_format
 
-    name = te.engine_file_name("fp16", compute_capability="8.7", trt_version="10.3.0")
+    name = engines.engine_file_name("fp16", compute_capability="8.7", trt_version="10.3.0")
     assert name == "vision_fp16.sm87.trt10.3.0.engine" and file_format(name) == "engine"
-    cache = te.timing_cache_file_name(compute_capability="8.7", trt_version="10.3.0")
+    cache = engines.timing_cache_file_name(compute_capability="8.7", trt_version="10.3.0")
     assert file_format(cache) == "trt_timing_cache"
 
 
-def _info(tmp_path: Path) -> te.EngineInfo:
-    engine = tmp_path / te.engine_file_name("fp16", compute_capability="8.7", trt_version="10.3.0")
+def _info(tmp_path: Path) -> engine_build.EngineInfo:
+    engine = tmp_path / engines.engine_file_name("fp16", compute_capability="8.7", trt_version="10.3.0")
     engine.write_bytes(b"plan")
-    profile = te.profile_shapes(384, max_tiles=10, opt_tiles=7)
-    return te.EngineInfo(
+    profile = engine_build.profile_shapes(384, max_tiles=10, opt_tiles=7)
+    return engine_build.EngineInfo(
         path=engine,
         precision="fp16",
         trt_version="10.3.0",
@@ -97,7 +98,7 @@ def _info(tmp_path: Path) -> te.EngineInfo:
         build_seconds=12.3,
         profile=profile,
         onnx_sha256=SHA,
-        key=te.engine_key(
+        key=engine_build.engine_key(
             onnx_sha256=SHA, precision="fp16", trt_version="10.3.0", compute_capability="8.7", profile=profile
         ),
         timing_cache_path=None,
@@ -129,17 +130,17 @@ def test_manifest_entry_round_trip_and_staleness(tmp_path):
     again = read_manifest(tmp_path).find("vision", format="engine", precision="fp16")
     assert again == entry and again.extra["max_tiles"] == 10 and again.extra["onnx_sha256"] == SHA
     here = dict(trt_version="10.3.0", compute_capability="8.7", onnx_sha256=SHA)
-    assert not te.is_engine_stale(again, **here)
-    assert not te.is_engine_stale(again.__dict__, **here)  # a plain dict from JSON works too
-    assert te.is_engine_stale(again, **{**here, "trt_version": "10.4.0"})
-    assert te.is_engine_stale(again, **{**here, "compute_capability": "8.6"})
-    assert te.is_engine_stale(again, **{**here, "onnx_sha256": "c" * 64})
-    assert te.is_engine_stale(again, **here, max_tiles=12)
-    assert not te.is_engine_stale(again, **here, max_tiles=10)
-    assert te.is_engine_stale(replace(again, format="onnx"), **here)
-    assert te.find_engine(m, "fp16", **here) == entry
-    assert te.find_engine(m, "int8", **here) is None
-    assert te.find_engine(m, "fp16", **{**here, "compute_capability": "9.0"}) is None
+    assert not engines.is_engine_stale(again, **here)
+    assert not engines.is_engine_stale(again.__dict__, **here)  # a plain dict from JSON works too
+    assert engines.is_engine_stale(again, **{**here, "trt_version": "10.4.0"})
+    assert engines.is_engine_stale(again, **{**here, "compute_capability": "8.6"})
+    assert engines.is_engine_stale(again, **{**here, "onnx_sha256": "c" * 64})
+    assert engines.is_engine_stale(again, **here, max_tiles=12)
+    assert not engines.is_engine_stale(again, **here, max_tiles=10)
+    assert engines.is_engine_stale(replace(again, format="onnx"), **here)
+    assert engines.find_engine(m, "fp16", **here) == entry
+    assert engines.find_engine(m, "int8", **here) is None
+    assert engines.find_engine(m, "fp16", **{**here, "compute_capability": "9.0"}) is None
 
 
 def test_engine_entries_do_not_change_the_bundle_digest(tmp_path):
@@ -162,19 +163,19 @@ def test_engine_entries_do_not_change_the_bundle_digest(tmp_path):
 def test_onnx_digest_covers_external_data(tmp_path):
     p = tmp_path / "vision_fp16.onnx"
     p.write_bytes(b"graph")
-    d1 = te.onnx_digest(p)
+    d1 = engine_build.onnx_digest(p)
     (tmp_path / "vision_fp16.onnx.data").write_bytes(b"weights")
-    d2 = te.onnx_digest(p)
+    d2 = engine_build.onnx_digest(p)
     (tmp_path / "vision_fp16.onnx.data").write_bytes(b"weights2")
-    assert len({d1, d2, te.onnx_digest(p)}) == 3
+    assert len({d1, d2, engine_build.onnx_digest(p)}) == 3
 
 
 def test_check_tiles_are_deterministic_and_in_range():
-    a = te.check_tiles(112, 3)
+    a = engine_build.check_tiles(112, 3)
     assert a.shape == (3, 3, 112, 112) and a.dtype == np.float32
     assert a.min() >= -1 and a.max() <= 1 and a.std() > 0.1
-    np.testing.assert_array_equal(a, te.check_tiles(112, 3))
-    assert not np.array_equal(a, te.check_tiles(112, 3, seed=1))
+    np.testing.assert_array_equal(a, engine_build.check_tiles(112, 3))
+    assert not np.array_equal(a, engine_build.check_tiles(112, 3, seed=1))
 
 
 # --- without TensorRT ----------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def test_check_tiles_are_deterministic_and_in_range():
 
 def test_missing_tensorrt_gives_the_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` raise ImportError
-    ok, detail = te.tensorrt_available()
+    ok, detail = trt_rt.tensorrt_available()
     assert not ok and "pip install tensorrt" in detail and "JetPack" in detail
 
 
@@ -239,7 +240,7 @@ def tiny_bundle(tmp_path_factory):
     d = tmp_path_factory.mktemp("bundle")
     fp32 = export_vision_onnx(model, d / "vision_fp32.onnx")
     convert_fp16(fp32, d / "vision_fp16.onnx")
-    calib = [te.check_tiles(112, 8, seed=3)]
+    calib = [engine_build.check_tiles(112, 8, seed=3)]
     # TensorRT's INT8 input exactly as export ships it: S8S8 Q/DQ on the weight GEMMs, FP16 elsewhere.
     tensorrt_int8_onnx(fp32, d / "vision_int8.onnx", calib)
     m = Manifest(
@@ -270,7 +271,7 @@ def test_engine_builds_and_matches_onnx_fp32(tiny_bundle, tmp_path, precision, l
     from eyecare_edge.export.vision_validate import compare_embeddings
 
     cache = tmp_path / "t.trtcache"
-    info = te.build_engine(
+    info = engine_build.build_engine(
         tiny_bundle / f"vision_{precision}.onnx",
         tmp_path / "v.engine",
         max_tiles=8,
@@ -280,17 +281,17 @@ def test_engine_builds_and_matches_onnx_fp32(tiny_bundle, tmp_path, precision, l
     )
     assert info.precision == precision and info.path.stat().st_size == info.size > 0
     assert (
-        info.trt_version == te.trt_version() and info.compute_capability == te.gpu_info().compute_capability
+        info.trt_version == trt_rt.trt_version() and info.compute_capability == trt_rt.gpu_info().compute_capability
     )
     assert cache.stat().st_size > 0
-    tiles = te.check_tiles(112, 3)
-    with te.EngineRunner(info.path) as run:
+    tiles = engine_build.check_tiles(112, 3)
+    with trt_rt.EngineRunner(info.path) as run:
         for n in (1, 3):
             out = run(tiles[:n])
             fig = compare_embeddings(_ort(tiny_bundle / "vision_fp32.onnx", tiles[:n]), out)
             assert fig[limit[0]] >= limit[1], fig
     # A second build with the kept timing cache works (and is usually faster).
-    again = te.build_engine(
+    again = engine_build.build_engine(
         tiny_bundle / f"vision_{precision}.onnx",
         tmp_path / "v2.engine",
         max_tiles=8,
@@ -311,8 +312,8 @@ def test_build_engine_command_records_and_reuses_the_engine(tiny_bundle):
     assert first.exit_code == 0, first.output
     m = read_manifest(tiny_bundle)
     entry = m.find("vision", format="engine", precision="fp16")
-    assert entry is not None and entry.trt_version == te.trt_version()
-    assert entry.compute_capability == te.gpu_info().compute_capability
+    assert entry is not None and entry.trt_version == trt_rt.trt_version()
+    assert entry.compute_capability == trt_rt.gpu_info().compute_capability
     assert m.find("extra", format="trt_timing_cache") is not None
     assert m.validation["engine_fp16"]["passed"]
     second = runner.invoke(main, ["build-engine", str(tiny_bundle), "--precision", "fp16"])

@@ -1,5 +1,5 @@
 """Vision backends: the `auto` choice and its reasons, every CPU precision against FP32, file checks
-before loading, the digest memo, and the TensorRT runtime: its find/build/record/reuse logic
+before loading, and the TensorRT runtime: its find/build/record/reuse logic
 (TensorRT and the GPU replaced by fakes), and on a CUDA machine a real engine build and run."""
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ import numpy as np
 import pytest
 from runtime_fixtures import copy_bundle, runtime_assets
 
-from eyecare_edge import tensorrt_runtime as trt_rt
-from eyecare_edge.bundle import BundleError, read_manifest
+from eyecare_edge.bundle import BundleError, read_manifest, require_valid
 from eyecare_edge.images import load_image
 from eyecare_edge.preprocess import preprocess_image
 from eyecare_edge.vision import (
-    DigestMemo,
     VisionError,
     cpu_precision_order,
+    engine_build,
+    engines,
     open_vision,
     validate_tiles,
-    verify_entries,
 )
+from eyecare_edge.vision import tensorrt as trt_rt
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_files_are_checked_before_loading(assets, tmp_path):
 
     def check(entries):
         seen.extend(e.path for e in entries)
-        verify_entries(bundle, entries)
+        require_valid(bundle, entries)
 
     with pytest.raises(BundleError, match="vision_int8_u8s8.onnx: sha256 differs"):
         open_vision(bundle, manifest, backend="ort-cpu", check=check)
@@ -129,26 +129,6 @@ def test_files_are_checked_before_loading(assets, tmp_path):
         open_vision(bundle, manifest, backend="ort-cpu", check=check)
     # the other precisions are untouched and still load
     open_vision(bundle, manifest, precision="fp32", backend="ort-cpu", check=check)
-
-
-def test_digest_memo_rehashes_only_changed_files(tmp_path):
-    f = tmp_path / "w.bin"
-    f.write_bytes(b"a" * 1000)
-    memo = DigestMemo()
-    calls: list[int] = []
-
-    def compute() -> str:
-        calls.append(1)
-        return str(len(calls))
-
-    assert memo.digest([f], compute) == "1"
-    assert memo.digest([f], compute) == "1" and len(calls) == 1
-    f.write_bytes(b"b" * 1001)
-    assert memo.digest([f], compute) == "2"
-    st = f.stat()
-    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    assert memo.digest([f], compute) == "3"
-    assert memo.sha256(f) == memo.sha256(f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,20 +142,20 @@ class FakeTensorRT:
     def __init__(self, monkeypatch, *, version="10.3.0", cc="8.7", passes=True) -> None:
         self.built: list[Path] = []
         self.version, self.cc, self.passes = version, cc, passes
-        monkeypatch.setattr(trt_rt, "tensorrt_available", lambda: (True, self.version))
-        monkeypatch.setattr(trt_rt, "trt_version", lambda: self.version)
-        monkeypatch.setattr(trt_rt, "gpu_info", lambda device=0: trt_rt.GpuInfo("Fake Orin", self.cc))
-        monkeypatch.setattr(trt_rt, "build_engine", self.build)
-        monkeypatch.setattr(trt_rt, "validate_engine", self.validate)
+        monkeypatch.setattr(engines, "tensorrt_available", lambda: (True, self.version))
+        monkeypatch.setattr(engines, "trt_version", lambda: self.version)
+        monkeypatch.setattr(engines, "gpu_info", lambda device=0: trt_rt.GpuInfo("Fake Orin", self.cc))
+        monkeypatch.setattr(engines, "build_engine", self.build)
+        monkeypatch.setattr(engines, "validate_engine", self.validate)
 
     def build(self, onnx_path, engine_path, *, max_tiles, opt_tiles, timing_cache_path, precision, **kw):
         engine_path = Path(engine_path)
         engine_path.write_bytes(b"engine " + self.version.encode() + os.urandom(8))
         Path(timing_cache_path).write_bytes(b"cache")
         self.built.append(engine_path)
-        shapes = trt_rt.profile_shapes(112, max_tiles=max_tiles, opt_tiles=opt_tiles)
-        digest = trt_rt.onnx_digest(onnx_path)
-        return trt_rt.EngineInfo(
+        shapes = engine_build.profile_shapes(112, max_tiles=max_tiles, opt_tiles=opt_tiles)
+        digest = engine_build.onnx_digest(onnx_path)
+        return engine_build.EngineInfo(
             path=engine_path,
             precision=precision,
             trt_version=self.version,
@@ -203,47 +183,47 @@ def test_ensure_engine_builds_records_reuses_and_rebuilds_when_stale(assets, tmp
     fake = FakeTensorRT(monkeypatch)
     manifest = read_manifest(bundle)
     messages: list[str] = []
-    check = lambda entries: verify_entries(bundle, entries)  # noqa: E731
+    check = lambda entries: require_valid(bundle, entries)  # noqa: E731
 
-    first = trt_rt.ensure_engine(bundle, manifest, "int8", check=check, progress=messages.append)
+    first = engines.ensure_engine(bundle, manifest, "int8", check=check, progress=messages.append)
     assert first.status == "built" and len(fake.built) == 1 and "once per GPU" in messages[0]
     assert first.entry.path == "vision_int8.sm87.trt10.3.0.engine"
     on_disk = read_manifest(bundle)
     engine = on_disk.find("vision", format="engine", precision="int8")
     assert engine.trt_version == "10.3.0" and engine.compute_capability == "8.7"
-    assert engine.extra["max_tiles"] == trt_rt.default_tile_counts(on_disk.preprocess_config())[1]
+    assert engine.extra["max_tiles"] == engines.default_tile_counts(on_disk.preprocess_config())[1]
     assert on_disk.find("extra", format="trt_timing_cache") is not None
     assert on_disk.validation["engine_int8"]["passed"] is True
     assert on_disk.digest() == manifest.digest()  # engines are not part of the bundle's identity
 
-    again = trt_rt.ensure_engine(bundle, on_disk, "int8", check=check)
+    again = engines.ensure_engine(bundle, on_disk, "int8", check=check)
     assert again.status == "up-to-date" and len(fake.built) == 1
 
     # a changed engine file is not trusted: rebuilt
     (bundle / engine.path).write_bytes(b"tampered")
-    assert trt_rt.ensure_engine(bundle, read_manifest(bundle), "int8", check=check).status == "built"
+    assert engines.ensure_engine(bundle, read_manifest(bundle), "int8", check=check).status == "built"
     # another TensorRT version: the old engine is stale, a second one is built beside it
     fake.version = "10.7.0"
-    res = trt_rt.ensure_engine(bundle, read_manifest(bundle), "int8", check=check)
+    res = engines.ensure_engine(bundle, read_manifest(bundle), "int8", check=check)
     assert res.status == "built" and res.entry.path.endswith("trt10.7.0.engine")
     assert len(read_manifest(bundle).precisions("vision", "engine")) == 2
     with pytest.raises(trt_rt.TensorRTError, match="eyecare-edge build-engine"):
         fake.version = "10.8.0"
-        trt_rt.ensure_engine(bundle, read_manifest(bundle), "int8", build=False)
+        engines.ensure_engine(bundle, read_manifest(bundle), "int8", build=False)
 
 
 def test_ensure_engine_refusals(assets, tmp_path, monkeypatch):
     bundle = copy_bundle(assets.bundle, tmp_path / "b")
     with pytest.raises(trt_rt.TensorRTError, match="not 'fp32'"):
-        trt_rt.ensure_engine(bundle, read_manifest(bundle), "fp32")
+        engines.ensure_engine(bundle, read_manifest(bundle), "fp32")
     if not trt_rt.tensorrt_available()[0]:
         with pytest.raises(trt_rt.TensorRTError, match="TensorRT is not installed"):
-            trt_rt.ensure_engine(bundle, read_manifest(bundle), "int8")
+            engines.ensure_engine(bundle, read_manifest(bundle), "int8")
     fake = FakeTensorRT(monkeypatch, passes=False)
     with pytest.raises(trt_rt.TensorRTError, match=r"no fp16 vision ONNX .*vision_fp16.onnx"):
-        trt_rt.ensure_engine(bundle, read_manifest(bundle), "fp16")
+        engines.ensure_engine(bundle, read_manifest(bundle), "fp16")
     with pytest.raises(trt_rt.EngineBuildError, match="fails its check .* engine discarded"):
-        trt_rt.ensure_engine(bundle, read_manifest(bundle), "int8")
+        engines.ensure_engine(bundle, read_manifest(bundle), "int8")
     assert not list(bundle.glob("*.engine")) and len(fake.built) == 1
     assert read_manifest(bundle).validation["engine_int8"]["passed"] is False
 
@@ -251,12 +231,12 @@ def test_ensure_engine_refusals(assets, tmp_path, monkeypatch):
 def test_build_lock_is_exclusive_and_outside_the_bundle(tmp_path):
     bundle = tmp_path / "b"
     bundle.mkdir()
-    assert trt_rt._lock_path(bundle).parent != bundle
+    assert engines._lock_path(bundle).parent != bundle
     order: list[str] = []
-    with trt_rt._BuildLock(bundle):
+    with engines._BuildLock(bundle):
 
         def other() -> None:
-            with trt_rt._BuildLock(bundle):
+            with engines._BuildLock(bundle):
                 order.append("other")
 
         t = threading.Thread(target=other)
@@ -270,13 +250,13 @@ def test_build_lock_is_exclusive_and_outside_the_bundle(tmp_path):
 def test_embedding_agreement():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(2, 5, 8)).astype(np.float32)
-    same = trt_rt.embedding_agreement(a, a)
+    same = engine_build.embedding_agreement(a, a)
     assert same["cosine_min"] == pytest.approx(1.0) and same["max_abs"] == 0.0
     flipped = a.copy()
     flipped[0, 0] *= -1
-    figs = trt_rt.embedding_agreement(a, flipped)
+    figs = engine_build.embedding_agreement(a, flipped)
     assert figs["cosine_min"] == pytest.approx(-1.0) and figs["cosine_mean"] == pytest.approx(0.8)
-    assert trt_rt.embedding_agreement(a, np.full_like(a, np.nan))["cosine_mean"] == 0.0
+    assert engine_build.embedding_agreement(a, np.full_like(a, np.nan))["cosine_mean"] == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,4 +300,4 @@ def test_tensorrt_engine_built_on_first_use_and_run(assets, tmp_path, tiles):
     assert out.shape[0] == many.shape[0]
     assert _cosine_mean(out[: tiles.shape[0]], ref) > 0.999
     choice.encoder.close()
-    assert trt_rt.ensure_engine(bundle, read_manifest(bundle), "fp16").status == "up-to-date"
+    assert engines.ensure_engine(bundle, read_manifest(bundle), "fp16").status == "up-to-date"

@@ -65,15 +65,15 @@ def build_engine(
       eyecare-edge build-engine bundles/eyecare-3.8b
       eyecare-edge build-engine bundles/eyecare-3.8b --precision int8 --max-tiles 10 --workspace 8
     """
-    from eyecare_edge import tensorrt_runtime as te
-    from eyecare_edge.bundle import read_manifest
-    from eyecare_edge.vision import verify_entries
+    from eyecare_edge.bundle import read_manifest, require_valid
+    from eyecare_edge.vision.engines import ensure_engine
+    from eyecare_edge.vision.tensorrt import TensorRTError, tensorrt_available
 
-    ok, detail = te.tensorrt_available()
+    ok, detail = tensorrt_available()
     if not ok:
-        raise te.TensorRTError(detail)
+        raise TensorRTError(detail)
     manifest = read_manifest(bundle)  # BundleError and TensorRTError: exit 1
-    res = te.ensure_engine(
+    res = ensure_engine(
         bundle,
         manifest,
         precision,
@@ -83,7 +83,7 @@ def build_engine(
         opt_tiles=opt_tiles,
         workspace_gb=workspace,
         validate=not no_validate,
-        check=lambda entries: verify_entries(bundle, entries),
+        check=lambda entries: require_valid(bundle, entries),
         progress=None if as_json else click.echo,
     )
     result = {

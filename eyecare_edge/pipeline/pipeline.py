@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eyecare_edge.bundle import BundleError, FileEntry, Manifest, read_manifest
+from eyecare_edge.bundle import BundleError, FileEntry, Manifest, read_manifest, require_valid
 from eyecare_edge.images import crop_fundus_fov
 from eyecare_edge.llm import LlamaCppLM, LLMOptions
 from eyecare_edge.pipeline.image_prefix import ImagePrefix, prefix_cache_key, restore_prefix, save_prefix
@@ -62,7 +62,6 @@ from eyecare_edge.vision import (
     load_newline,
     newline_entry,
     open_vision,
-    verify_entries,
 )
 
 
@@ -136,7 +135,7 @@ class Pipeline:
             budget = token_budget(manifest, opts.visual_tokens, opts.token_reduction)
         except ValueError as e:
             raise BundleError(f"{root}: {e}") from e
-        check = (lambda entries: verify_entries(root, entries)) if opts.verify else None
+        check = (lambda entries: require_valid(root, entries)) if opts.verify else None
 
         llm_entry = choose_llm(manifest, opts.llm)
         nl_entry = newline_entry(manifest)

@@ -33,7 +33,7 @@ LLM_FORMATS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 UNQUANTIZED_LLM = ("f32", "f16", "bf16")
 # fp16: the GPU format (TensorRT FP16 engines, ONNX Runtime CUDA) — a default bundle must run on a
 # GPU workstation's fast path, not silently on its CPU. int8: TensorRT's INT8 input (FP16 base);
-# int8_u8s8: the CPU's fast path. eyecare_edge/perf/build.py keeps the same tuple (tested).
+# int8_u8s8: the CPU's fast path. perf/build.py keeps the same tuple (tested).
 DEFAULT_VISION = ("fp32", "fp16", "int8", "int8_u8s8")
 DEFAULT_LLM = ("f16", "q8_0", "q4_k_m")
 CALIBRATION_CACHE = Path(tempfile.gettempdir()) / "eyecare-edge-calibration"

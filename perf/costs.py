@@ -200,9 +200,9 @@ def weight_bytes_from_tensors(sizes: Mapping[str, int], n_layers: int, hidden: i
 
 
 def gguf_weight_bytes(path: str | os.PathLike[str], n_layers: int, hidden: int) -> WeightBytes:
-    """WeightBytes of a GGUF file, from its tensor table (header only; the data is not read).
-    Needs the `gguf` package (the export extra)."""
-    from eyecare_edge.export.gguf_header import read_gguf_header
+    """WeightBytes of a GGUF file, from its tensor table (header only; the data is not read;
+    the runtime's own reader, so no `gguf` package is needed)."""
+    from eyecare_edge.gguf_header import read_gguf_header
 
     header = read_gguf_header(path)
     return weight_bytes_from_tensors(

@@ -13,7 +13,7 @@ running a model. Conventions:
 
 from __future__ import annotations
 
-from eyecare_edge.perf import costs
+from eyecare_edge import costs
 
 SCHEMA = "eyecare-edge-perf/1"
 MB = 1e6

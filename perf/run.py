@@ -23,12 +23,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from eyecare_edge.perf import costs
 from eyecare_edge.perf.build import DEFAULT_LLM, DEFAULT_VISION, GPU_VISION, BuildSpec, Built, ensure_built
 from eyecare_edge.perf.machine import load_average, probe_machine, reprobe
 from eyecare_edge.perf.rss import ChildError, run_in_child
 from eyecare_edge.perf.runtime import DEFAULT_QUESTION
 from eyecare_edge.perf.tokens import TOKEN_FRACTIONS, TOKEN_METHODS
+
+from eyecare_edge import costs
 
 DEFAULT_WORKDIR = Path("~/.cache/eyecare-edge/perf").expanduser()
 PHANTOM_SIZE = (3504, 2336)  # (width, height) of the HRF fundus photographs
@@ -174,7 +175,6 @@ def default_image(workdir: Path, run_child: Callable[[str, dict], object], seed:
 def phantom_child(out: str, seed: int) -> str:
     """Write a phantom fundus photograph of the HRF size (child process: training room)."""
     import cv2
-
     from eyecare_edge.training.synthetic import make_phantom_fundus
 
     rgb = make_phantom_fundus(PHANTOM_SIZE, seed)
@@ -312,10 +312,11 @@ def resolve_build(opts: PerfOptions, runner: Runner, gpu: bool) -> tuple[Path, P
 
 def run_perf(opts: PerfOptions, progress: Callable[[str], None] = lambda m: None) -> dict:
     """Measure everything `opts` asks for and return the report (see `report.build_report`)."""
+    from eyecare_edge.perf.report import build_report
+
     from eyecare_edge.bundle import read_manifest
     from eyecare_edge.images import load_image
     from eyecare_edge.llm import physical_cores
-    from eyecare_edge.perf.report import build_report
 
     t_run = time.perf_counter()
     workdir = Path(opts.workdir)
@@ -424,7 +425,7 @@ def run_perf(opts: PerfOptions, progress: Callable[[str], None] = lambda m: None
     for dtype in opts.references:
         row = runner.child(
             f"transformers {dtype.upper()}",
-            "eyecare_edge.perf.reference:measure_reference",
+            "eyecare_edge.training.reference:measure_reference",
             {
                 "ckpt": str(ckpt),
                 "dtype": dtype,
@@ -555,7 +556,7 @@ def _vision_backends(
 def _max_prompt(llm_shape, pipeline: dict, box: float) -> int | None:
     """Prompt positions a llama.cpp variant may prefill within the box, predicted from the
     default run's prefill rate (None: all of them)."""
-    from eyecare_edge.perf.reference import largest_prefix
+    from eyecare_edge.costs import largest_prefix
 
     n = pipeline.get("n_prompt")
     ms = pipeline.get("timings", {}).get("prefill_ms")
@@ -707,7 +708,7 @@ def _accuracy(runner: Runner, opts: PerfOptions, threads: int) -> dict:
     else:
         res = runner.child(
             "accuracy per budget (PyTorch)",
-            "eyecare_edge.perf.reference:closed_qa_accuracy_torch",
+            "eyecare_edge.training.reference:closed_qa_accuracy_torch",
             {
                 "ckpt": str(opts.accuracy_ckpt),
                 "bench": str(opts.accuracy_data),
@@ -764,8 +765,9 @@ def _token_budgets(
     """The budget x method table's raw rows: one TTFT child per budget (fastest of
     `token_repeats` asks), closed-QA accuracy per budget on --accuracy-bundle, then the KV cache
     variants at the default budget the rule picks."""
-    from eyecare_edge.images import load_image
     from eyecare_edge.perf.tokens import KV_VARIANTS, choose_default, pipeline_overrides, token_grid
+
+    from eyecare_edge.images import load_image
     from eyecare_edge.preprocess import plan_image
     from eyecare_edge.reduce import TokenBudget, kept_tokens
 

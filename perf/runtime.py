@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eyecare_edge.perf.costs import LLMShape
+from eyecare_edge.costs import LLMShape
 
 DEFAULT_QUESTION = "Describe the findings in this fundus photograph."
 

@@ -12,13 +12,13 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-from eyecare_edge.perf import costs
 from eyecare_edge.perf.build import BuildSpec, cached
-from eyecare_edge.perf.reference import largest_prefix
 from eyecare_edge.perf.report import build_report, check, render_table
 from eyecare_edge.perf.rss import ChildError, run_in_child
 from eyecare_edge.perf.run import PerfOptions, budget_list, run_perf, same_budget
+
+from eyecare_edge import costs
+from eyecare_edge.costs import largest_prefix
 from eyecare_edge.preprocess import preset_preprocess
 
 # Phi-3.5-mini and SigLIP-so400m (26 blocks) as an EyecareGPT config.json holds them.
@@ -169,10 +169,10 @@ def test_child_returns_its_value_and_its_own_peak_rss():
 
 def test_child_failure_names_the_error(tmp_path):
     with pytest.raises(ChildError, match="no_such_function"):
-        run_in_child("eyecare_edge.perf.costs:no_such_function", {})
+        run_in_child("eyecare_edge.costs:no_such_function", {})
     with pytest.raises(ChildError, match="ValueError"):
         run_in_child(
-            "eyecare_edge.perf.costs:scale_time", {"measured": 1.0, "work_measured": 0.0, "work_full": 1.0}
+            "eyecare_edge.costs:scale_time", {"measured": 1.0, "work_measured": 0.0, "work_full": 1.0}
         )
     with pytest.raises(ChildError, match="limit"):
         run_in_child(

@@ -77,12 +77,12 @@ def bench(
         REFERENCE_NAME,
         bundle_answerer,
         parse_variant,
-        reference_answerer,
         run_system,
         select_records,
     )
     from eyecare_edge.bundle import BundleError, read_manifest
     from eyecare_edge.pipeline import Pipeline
+    from eyecare_edge.training.reference import reference_answerer
 
     try:
         manifest = read_manifest(bundle)

@@ -248,12 +248,12 @@ def _bench(
         REFERENCE_NAME,
         Variant,
         bundle_answerer,
-        reference_answerer,
         run_system,
         select_records,
     )
     from eyecare_edge.bundle import read_manifest
     from eyecare_edge.pipeline import Pipeline
+    from eyecare_edge.training.reference import reference_answerer
 
     records = load_bench(paths["data"] / "bench.jsonl")
     chosen = select_records(records, limit=recipe.bench_items, tasks=[recipe.train_tasks])

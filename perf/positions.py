@@ -56,8 +56,8 @@ def position_fidelity(
     from eyecare_edge.training.layout import layout_parts as layout_parts_torch
     from eyecare_edge.training.reduce import reduce_image
 
-    from eyecare_edge.bench.loaders import load_bench
     from eyecare_edge.images import load_image
+    from eyecare_edge.qa.loaders import load_bench
 
     if threads:
         torch.set_num_threads(threads)

@@ -101,11 +101,11 @@ def closed_qa_by_budget(
     (95% bootstrap CI), with the mean kept visual tokens and TTFT. Runs in a perf child."""
     import numpy as np
 
-    from eyecare_edge.bench.answers import parse_choice
-    from eyecare_edge.bench.loaders import load_bench
     from eyecare_edge.bench.metrics import accuracy_with_ci
     from eyecare_edge.bundle import read_manifest
     from eyecare_edge.pipeline import Pipeline
+    from eyecare_edge.qa.answers import parse_choice
+    from eyecare_edge.qa.loaders import load_bench
 
     records = [r for r in load_bench(bench) if r.task == "closed"]
     if limit is not None:

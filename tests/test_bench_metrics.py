@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from eyecare_edge.bench.metrics import (
     split_report_sections,
     token_f1,
 )
-from eyecare_edge.bench.records import BenchResult
+from eyecare_edge.qa.records import BenchResult
 
 # --- closed QA accuracy --------------------------------------------------------------------------
 
@@ -268,3 +269,18 @@ def test_duplicate_results_rejected() -> None:
     run = _known_run()
     with pytest.raises(ValueError, match="system 'ref' has two results for record 'c1'"):
         score_results([*run, run[0]])
+
+
+def test_missing_bench_extra_names_the_install(monkeypatch):
+    # The runtime install leaves rouge-score and sacrebleu out: the metric says how to get them.
+    from eyecare_edge.bench import metrics
+    from eyecare_edge.errors import EyecareError
+
+    metrics._rouge_scorer.cache_clear()
+    monkeypatch.setitem(sys.modules, "rouge_score.rouge_scorer", None)
+    monkeypatch.setitem(sys.modules, "sacrebleu.metrics", None)
+    with pytest.raises(EyecareError, match=r"rouge-score.*pip install 'eyecare-edge\[bench\]'"):
+        metrics.rouge_l("a cat", "the cat")
+    with pytest.raises(metrics.BenchExtraMissing, match=r"sacrebleu.*eyecare-edge\[bench\]"):
+        metrics.bleu(["a cat"], ["the cat"])
+    metrics._rouge_scorer.cache_clear()

@@ -17,7 +17,7 @@ RUNTIME_MODULES = [
     "eyecare_edge.bundle",
     "eyecare_edge.gguf_header",
     "eyecare_edge.prompts",
-    "eyecare_edge.bench.loaders",
+    "eyecare_edge.qa.loaders",
     "eyecare_edge.bench.metrics",
     "eyecare_edge.bench.report",
     "eyecare_edge.bench.runner",

@@ -34,15 +34,15 @@ from typing import Any
 
 import numpy as np
 
-from eyecare_edge.bench.answers import parse_choice, parse_yes_no
-from eyecare_edge.bench.records import (
+from eyecare_edge.errors import EyecareError
+from eyecare_edge.qa.answers import parse_choice, parse_yes_no
+from eyecare_edge.qa.records import (
     MODALITIES,
     REPORT_SECTIONS,
     TASKS,
     BenchResult,
     split_report_sections,
 )
-from eyecare_edge.errors import EyecareError
 
 __all__ = [
     "CLOSED_METRICS",

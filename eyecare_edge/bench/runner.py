@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from eyecare_edge.bench.records import BenchRecord, BenchResult
 from eyecare_edge.images import ImageError, load_image
+from eyecare_edge.qa.records import BenchRecord, BenchResult
 from eyecare_edge.screening import ResultsFile
 
 # Answer lengths per task: a letter, a sentence or two, a three-section report.

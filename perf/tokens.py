@@ -20,6 +20,9 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+from eyecare_edge.perf.depth import Model, split_ttft, ttft_full
+from eyecare_edge.perf.sections import rss_figures
+
 from eyecare_edge.reduce import NAMED_BUDGETS
 
 TOKEN_FRACTIONS = (0.5, 0.25, 0.15, 0.1)
@@ -176,9 +179,8 @@ def choose_default(rows: list[dict], points: float = DEFAULT_RULE_POINTS) -> dic
     return min(ok, key=lambda r: (r["n_image_tokens"], r.get("ttft_ms_full") or math.inf))
 
 
-def token_rows(raw: dict, model, split_ttft, ttft_full, memory_summary) -> list[dict]:
-    """Report rows: speed figures (measured and at full depth) joined with accuracy by name.
-    The report's own helpers are passed in (this module does not import report.py)."""
+def token_rows(raw: dict, model: Model) -> list[dict]:
+    """Report rows: speed figures (measured and at full depth) joined with accuracy by name."""
     acc = {r["name"]: r for r in (raw.get("token_accuracy") or {}).get("rows", []) if isinstance(r, dict)}
     encode = _fastest_encode(raw.get("token_budgets", []))
     rows = []
@@ -190,24 +192,24 @@ def token_rows(raw: dict, model, split_ttft, ttft_full, memory_summary) -> list[
             # layout + reduction do not grow with depth: count them with the fixed part, and
             # take the tile encoding of the same tiles at its fastest over the rows (same work)
             layout = res["timings"].get("layout_ms", 0.0)
-            parts["decode_preprocess_ms"] += layout
-            parts["vision_ms"] = encode.get(res["n_tiles"], parts["vision_ms"] - layout)
+            parts.decode_preprocess_ms += layout
+            parts.vision_ms = encode.get(res["n_tiles"], parts.vision_ms - layout)
             row["layout_ms"] = layout
-            mem = memory_summary({"row": res, "references": []}, model, "row")
+            mem = rss_figures(res, model)
             row.update(
                 n_tiles=res["n_tiles"],
                 n_image_tokens=res["n_image_tokens"],
                 n_prompt=res["n_prompt"],
                 n_ctx=res.get("n_ctx"),
-                vision_ms=parts["vision_ms"] + layout,
-                prefill_ms=parts["prefill_ms"],
+                vision_ms=parts.vision_ms + layout,
+                prefill_ms=parts.prefill_ms,
                 ttft_ms=res["timings"].get("first_token_ms"),
-                vision_ms_full=parts["vision_ms"] * model.vision_scale + layout,
-                prefill_ms_full=parts["prefill_ms"] * model.prefill_scale(res["n_prompt"]),
+                vision_ms_full=parts.vision_ms * model.vision_scale + layout,
+                prefill_ms_full=parts.prefill_ms * model.prefill_scale(res["n_prompt"]),
                 ttft_ms_full=ttft_full(model, parts, res["n_prompt"]),
-                peak_rss_bytes=mem.get("peak_rss_bytes"),
-                peak_rss_bytes_full=mem.get("peak_rss_bytes_full"),
-                peak_rss_over_bundle_full=mem.get("peak_rss_over_bundle_full"),
+                peak_rss_bytes=mem.peak_rss_bytes if mem else None,
+                peak_rss_bytes_full=mem.peak_rss_bytes_full if mem else None,
+                peak_rss_over_bundle_full=mem.peak_rss_over_bundle_full if mem else None,
             )
         elif "error" in res:
             row["error"] = res["error"]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+from eyecare_edge.perf.report import build_report
+from eyecare_edge.perf.table import render_table
+from eyecare_edge.perf.tokens import choose_default, pipeline_overrides, question_type, token_grid
 from test_perf import _raw
 
 from eyecare_edge.cli import main
-from eyecare_edge.perf.report import build_report, render_table
-from eyecare_edge.perf.tokens import choose_default, pipeline_overrides, question_type, token_grid
 from eyecare_edge.reduce import NAMED_BUDGETS
 
 

@@ -16,6 +16,8 @@ RUNTIME_MODULES = [
     "eyecare_edge.reduce",
     "eyecare_edge.bundle",
     "eyecare_edge.gguf_header",
+    "eyecare_edge.costs",
+    "eyecare_edge.prefill_estimate",
     "eyecare_edge.prompts",
     "eyecare_edge.qa.loaders",
     "eyecare_edge.bench.metrics",

@@ -24,6 +24,7 @@ Conventions (all scores are fractions in [0, 1], BLEU included, so one table has
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import re
 import string
@@ -90,11 +91,11 @@ def accuracy_with_ci(
 
 
 class BenchExtraMissing(EyecareError, ImportError):
-    """A text metric needs a package of the `bench` extra, which the runtime install leaves out."""
+    """The bench needs a package of the `bench` extra, which the runtime install leaves out."""
 
     def __init__(self, package: str) -> None:
         super().__init__(
-            f"the bench's text metrics need {package}, which the runtime install leaves out: "
+            f"the bench needs {package}, which the runtime install leaves out: "
             "pip install 'eyecare-edge[bench]'"
         )
 
@@ -105,6 +106,17 @@ def _import_bench(module: str, package: str) -> Any:
         return importlib.import_module(module)
     except ImportError as e:
         raise BenchExtraMissing(package) from e
+
+
+# module -> the package of the `bench` extra that provides it (rich: the bench's progress bars)
+BENCH_EXTRA = {"rouge_score": "rouge-score", "sacrebleu": "sacrebleu", "rich": "rich"}
+
+
+def require_bench_extra() -> None:
+    """Fail before any work when the `bench` extra is missing (the runtime install leaves it out)."""
+    for module, package in BENCH_EXTRA.items():
+        if importlib.util.find_spec(module) is None:
+            raise BenchExtraMissing(package)
 
 
 @lru_cache(maxsize=1)

@@ -71,6 +71,9 @@ def bench(
           --variant vision=fp32,llm=f16 --variant vision=int8_u8s8,llm=q4_k_m -o report
     Resumable: run it again with the same -o to continue after an interruption.
     """
+    from eyecare_edge.bench.metrics import require_bench_extra
+
+    require_bench_extra()
     from eyecare_edge.bench.report import write_report
     from eyecare_edge.bench.runner import (
         REFERENCE_NAME,

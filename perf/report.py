@@ -8,7 +8,6 @@ and targets come from `ratios`, the scalings to full depth from `depth`; `table`
 
 from __future__ import annotations
 
-from eyecare_edge.perf import tokens as token_table
 from eyecare_edge.perf.depth import Model, ok
 from eyecare_edge.perf.ratios import DEFAULT, compute_ratios, evaluate_targets
 from eyecare_edge.perf.rows import E2ERow, EndToEnd
@@ -21,6 +20,7 @@ from eyecare_edge.perf.sections import (
     sweep_rows,
     vision_rows,
 )
+from eyecare_edge.perf.token_report import token_rows, token_summary
 
 SCHEMA = "eyecare-edge-perf/1"
 
@@ -76,8 +76,8 @@ def build_report(raw: dict) -> dict:
     gpu_tile = raw.get("gpu_one_tile") or {}
     ratios = compute_ratios(vision, llm, e2e, budgets, memory.default, full=True)
     ratios_measured = compute_ratios(vision, llm, e2e, budgets, memory.default, full=False)
-    token_rows = token_table.token_rows(raw, model)
-    token_summary, token_ratios = token_table.token_summary(token_rows)
+    tokens = token_rows(raw, model)
+    tokens_summary, token_ratios = token_summary(tokens)
     if token_ratios.get("peak_rss_over_bundle") is not None:  # at the default budget from now on
         ratios["peak_rss_over_bundle_full_tokens"] = ratios.get("peak_rss_over_bundle")
     ratios.update({k: v for k, v in token_ratios.items() if v is not None or k not in ratios})
@@ -102,9 +102,9 @@ def build_report(raw: dict) -> dict:
         "llm": [r.to_json() for r in llm],
         "end_to_end": [r.to_json() for r in e2e],
         "budgets": [r.to_json() for r in budgets],
-        "token_budgets": token_rows,
+        "token_budgets": [r.to_json() for r in tokens],
         "token_budget_summary": {
-            **token_summary,
+            **tokens_summary,
             "accuracy": {k: v for k, v in (raw.get("token_accuracy") or {}).items() if k != "rows"},
         },
         "accuracy": {k: v for k, v in (raw.get("accuracy") or {}).items() if k != "rows"},

@@ -1,7 +1,7 @@
 """The plain-text table `eyecare-edge perf` prints, drawn from the report (perf.json).
 
-The rows are read back into the dataclasses of `rows` (the report may come from disk), so each
-section reads named fields; the token-budget table is `tokens.render_token_table`.
+The rows are read back into the dataclasses of `rows` and `token_report` (the report may come
+from disk), so each section reads named fields.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from eyecare_edge.perf.rows import (
     parse_llm,
     parse_vision,
 )
-from eyecare_edge.perf.tokens import render_token_table
+from eyecare_edge.perf.token_report import TokenRow
 
 MB = 1e6
 
@@ -227,6 +227,53 @@ def _targets(report: dict) -> list[str]:
     return lines + _table(["target", "default", "needs", "status", "proposed", "status"], rows)
 
 
+def _accuracy_cell(r: TokenRow) -> str:
+    if r.error is not None:
+        return "failed: " + _first_line(r.error)[:50]
+    a = r.accuracy
+    if a is None or a.accuracy is None:
+        return "-"
+    lo, hi = a.accuracy_ci
+    cell = f"{a.accuracy:.1%} [{lo:.0%}, {hi:.0%}] n={a.accuracy_n}"
+    return cell if a.accuracy_tiles_as_budgeted else cell + " (tiles not cut)"
+
+
+def render_token_table(token_rows: list[dict], summary: dict) -> list[str]:
+    """Plain-text lines of the budget x method table."""
+    rows = [TokenRow.from_json(d) for d in token_rows]
+    out = [
+        "",
+        "Visual-token budgets x reduction method (full depth; accuracy on the --accuracy-bundle bench)",
+    ]
+    header = ["budget", "tiles", "tokens", "vision s", "prefill s", "TTFT s", "peak RSS", "accuracy [95% CI]"]
+    table = []
+    for r in rows:
+        s = r.speed
+        rss_full = s.peak_rss_bytes_full if s else None
+        table.append(
+            [
+                r.name + (f" ({r.kv})" if r.kv else ""),
+                _f(s.n_tiles if s else None, "{}"),
+                _f(s.n_image_tokens if s else None, "{}"),
+                _f(s and s.vision_ms_full and s.vision_ms_full / 1000, "{:.1f}"),
+                _f(s and s.prefill_ms_full and s.prefill_ms_full / 1000, "{:.1f}"),
+                _f(s and s.ttft_ms_full and s.ttft_ms_full / 1000, "{:.1f}"),
+                _f(rss_full and rss_full / 1e9, "{:.2f} GB"),
+                _accuracy_cell(r),
+            ]
+        )
+    out += _table(header, table)
+    per_type = [(r.name, r.accuracy.accuracy_per_type) for r in rows if r.accuracy and r.accuracy.accuracy_per_type]
+    if per_type:
+        out += ["", "Closed-QA accuracy per question type"]
+        names = sorted({t for _, per in per_type for t in per})
+        for name, per in per_type:
+            cells = [f"{t} {per[t]['accuracy']:.0%} (n={per[t]['n']})" for t in names if t in per]
+            out.append(f"  {name}: " + "; ".join(cells))
+    out.append(f"default budget: {summary.get('default')} ({summary.get('rule')})")
+    return out
+
+
 def render_table(report: dict) -> str:
     """A readable plain-text version of the report (what the command prints)."""
     c = report["config"]
@@ -237,7 +284,7 @@ def render_table(report: dict) -> str:
     lines += ["", "Token budgets (eyecare-edge default settings)", *_budgets(report)]
     lines += _memory(report)
     if report.get("token_budgets"):
-        lines += render_token_table(report["token_budgets"], report.get("token_budget_summary") or {}, _f)
+        lines += render_token_table(report["token_budgets"], report.get("token_budget_summary") or {})
     lines += _sweep(report)
     lines += _targets(report)
     return "\n".join(lines)

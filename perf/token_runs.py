@@ -15,7 +15,8 @@ def measure_token_budgets(
     """The budget x method table's raw rows: one TTFT child per budget (fastest of
     `token_repeats` asks), closed-QA accuracy per budget on --accuracy-bundle, then the KV cache
     variants at the default budget the rule picks."""
-    from eyecare_edge.perf.tokens import KV_VARIANTS, choose_default, pipeline_overrides, token_grid
+    from eyecare_edge.perf.token_report import Candidate, choose_default
+    from eyecare_edge.perf.tokens import KV_VARIANTS, pipeline_overrides, token_grid
 
     from eyecare_edge.images import load_image
     from eyecare_edge.preprocess import plan_image
@@ -76,23 +77,19 @@ def measure_token_budgets(
         budget = TokenBudget(row["visual_tokens"], row["method"] or "pool")
         a = acc.get(row["name"], {})
         tokens.append(
-            {
-                "name": row["name"],
-                "n_image_tokens": kept_tokens(p, budget),
-                "accuracy": a.get("accuracy"),
-                "accuracy_tiles_as_budgeted": a.get("tiles_as_budgeted", True),
-            }
+            Candidate(row["name"], kept_tokens(p, budget), a.get("accuracy"), a.get("tiles_as_budgeted", True))
         )
     chosen = choose_default(tokens)
-    if chosen is None:
+    if chosen is not None:
+        row = next(r for r in grid if r["name"] == chosen.name)
+    else:
         from eyecare_edge.reduce import NAMED_BUDGETS
 
         b = NAMED_BUDGETS["balanced"]
-        chosen = next(
+        row = next(
             (r for r in grid if r["visual_tokens"] == b["visual_tokens"] and r["method"] == b["method"]),
             grid[0],
         )
-    row = next(r for r in grid if r["name"] == chosen["name"])
     for label, change in KV_VARIANTS.items():
         res = timed(f"{row['name']} {label}", {**pipeline_overrides(row, bundle_tiles), **change})
         state.token_budgets.append({**row, "kv": label, "result": res})

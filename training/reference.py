@@ -1,7 +1,7 @@
 """The PyTorch/transformers references: what a user gets running the checkpoint in FP32 or BF16,
 and the bench's reference answerer (`reference_answerer`, handed to `bench.runner.run_system`).
 
-torch is imported inside the functions only; they run in child processes (`rss.run_in_child`), so
+torch is imported inside the functions only; they run in child processes (`eyecare_edge.perf.rss.run_in_child`), so
 the command itself, and every other measurement, stay torch-free.
 
 One `measure_reference` call is one end-to-end answer, timed by part:
@@ -13,7 +13,7 @@ One `measure_reference` call is one end-to-end answer, timed by part:
             bookkeeping, and without stopping at an end-of-text token: random weights would)
 
 Time boxes: a reference slower than the box (BF16 on a CPU without BF16 hardware runs at a small
-fraction of FP32) is measured on less work and scaled by the FLOP model of `costs`: the prefill on
+fraction of FP32) is measured on less work and scaled by the FLOP model of `eyecare_edge.costs`: the prefill on
 the first P prompt positions, vision on one tile times the tile count, decode on fewer steps. The
 result says what was measured (`prefill_tokens_measured`, `vision_composed`,
 `decode_tokens_measured`), so a scaled figure is never mistaken for a measured one.

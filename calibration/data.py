@@ -1,7 +1,7 @@
 """Calibration data for INT8: tiles made by the one shared preprocessing from real images.
 
 A calibration source is a folder of images (searched recursively), a single image, or a
-benchmark / training file that `eyecare_edge.bench.load_bench` reads (Eyecare-Bench JSONL,
+benchmark / training file that `eyecare_edge.qa.loaders.load_bench` reads (Eyecare-Bench JSONL,
 LLaVA/Eyecare-100K JSON): its records' images are used, each once.
 
 Selection is deterministic: candidates sorted by path, shuffled with `seed`, then the first
@@ -71,7 +71,7 @@ def image_paths(source: str | os.PathLike[str]) -> list[Path]:
             key=lambda p: p.relative_to(src).as_posix(),
         )
     elif src.suffix.lower() in _BENCH_SUFFIXES:
-        from eyecare_edge.bench.loaders import load_bench
+        from eyecare_edge.qa.loaders import load_bench
 
         try:
             records = load_bench(src)

@@ -12,7 +12,6 @@ is released before llama.cpp loads GGUFs for validation, so a 3.8B export holds 
 from __future__ import annotations
 
 import gc
-import hashlib
 import shutil
 import tempfile
 import time
@@ -21,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from eyecare_edge.training.digest import checkpoint_digest
 
-from eyecare_edge.bundle import Manifest, PromptSpec, add_file, sha256_file, write_manifest
+from eyecare_edge.bundle import Manifest, PromptSpec, add_file, write_manifest
 from eyecare_edge.errors import EyecareError
 from eyecare_edge.formats import export_formats, format_names
 from eyecare_edge.preprocess import PreprocessConfig, apply_budget, preprocess_image
@@ -144,17 +144,6 @@ def model_info(cfg) -> dict:
             "last": cfg.ldc_last_layer,
         },
     }
-
-
-def checkpoint_digest(ckpt: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(ckpt.iterdir()):
-        if f.is_file() and (
-            f.suffix in (".json", ".safetensors", ".jinja") or f.name.startswith("tokenizer")
-        ):
-            h.update(f.name.encode())
-            h.update(sha256_file(f).encode())
-    return h.hexdigest()
 
 
 def _fmt(figures: dict, keys: tuple[str, ...]) -> str:

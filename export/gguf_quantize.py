@@ -12,7 +12,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import llama_cpp
-from eyecare_edge.export.gguf_header import read_gguf_header
+
+from eyecare_edge.gguf_header import read_gguf_header
 
 
 def _known_ftypes() -> dict[str, int]:

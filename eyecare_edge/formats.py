@@ -34,6 +34,8 @@ LLM_BACKEND = "llama.cpp"
 # llama.cpp KV cache types `--kv-type` offers ("q8_0" needs flash attention); f16 is the default.
 KV_CACHE_TYPES = ("f16", "f32", "q8_0", "bf16")
 DEFAULT_KV_CACHE_TYPE = "f16"
+# transformers dtypes the PyTorch reference runs in (`perf --references`, training/reference.py).
+REFERENCE_DTYPES = ("fp32", "bf16", "fp16")
 
 # The loose bound of the 4/5/6-bit GGUF types (see the module docstring).
 LOW_BIT_LLM_TOLERANCE: Mapping[str, float] = MappingProxyType({"top1": 0.5, "kl_mean": 1.0})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from eyecare_edge.bench.answers import parse_choice, parse_yes_no
+from eyecare_edge.qa.answers import parse_choice, parse_yes_no
 
 EYE = {"A": "Right eye", "B": "Left eye", "C": "Both eyes", "D": "Cannot be determined"}
 YES_NO = {"A": "Yes", "B": "No"}

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from eyecare_edge.bench.loaders import (
+from eyecare_edge.prompts import IMAGE_PLACEHOLDER, REPORT_PROMPT, format_closed_question
+from eyecare_edge.qa.loaders import (
     BenchFormatError,
     load_bench,
     normalize_modality,
     normalize_task,
     split_closed_question,
 )
-from eyecare_edge.bench.records import BenchRecord, BenchResult, read_results, write_results
-from eyecare_edge.prompts import IMAGE_PLACEHOLDER, REPORT_PROMPT, format_closed_question
+from eyecare_edge.qa.records import BenchRecord, BenchResult, read_results, write_results
 
 REPORT = (
     "Examination Type: Fundus fluorescein angiography\n"

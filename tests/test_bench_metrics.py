@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from eyecare_edge.bench.metrics import (
     split_report_sections,
     token_f1,
 )
-from eyecare_edge.bench.records import BenchResult
+from eyecare_edge.qa.records import BenchResult
 
 # --- closed QA accuracy --------------------------------------------------------------------------
 
@@ -268,3 +269,34 @@ def test_duplicate_results_rejected() -> None:
     run = _known_run()
     with pytest.raises(ValueError, match="system 'ref' has two results for record 'c1'"):
         score_results([*run, run[0]])
+
+
+def test_missing_bench_extra_names_the_install(monkeypatch):
+    # The runtime install leaves rouge-score and sacrebleu out: the metric says how to get them.
+    from eyecare_edge.bench import metrics
+    from eyecare_edge.errors import EyecareError
+
+    metrics._rouge_scorer.cache_clear()
+    metrics.require_bench_extra()  # installed here (dev includes the bench extra)
+    monkeypatch.setitem(sys.modules, "rouge_score.rouge_scorer", None)
+    monkeypatch.setitem(sys.modules, "sacrebleu.metrics", None)
+    with pytest.raises(EyecareError, match=r"rouge-score.*pip install 'eyecare-edge\[bench\]'"):
+        metrics.rouge_l("a cat", "the cat")
+    with pytest.raises(metrics.BenchExtraMissing, match=r"sacrebleu.*eyecare-edge\[bench\]"):
+        metrics.bleu(["a cat"], ["the cat"])
+    metrics._rouge_scorer.cache_clear()
+
+
+def test_bench_command_without_the_extra_says_how_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from eyecare_edge.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rich" else real(name, *a))
+    data = tmp_path / "bench.jsonl"
+    data.write_text("")
+    r = CliRunner().invoke(main, ["bench", str(tmp_path), str(data), "-o", str(tmp_path / "report")])
+    assert r.exit_code == 1 and "rich" in r.stderr and "pip install 'eyecare-edge[bench]'" in r.stderr

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from eyecare_edge.bench.metrics import bleu
-from eyecare_edge.bench.records import BenchResult
 from eyecare_edge.bench.report import PLOTS_HINT, write_report
+from eyecare_edge.qa.records import BenchResult
 
 EYE = {"A": "Right eye", "B": "Left eye"}
 REF_TEXT = "swelling of the optic disc"

@@ -79,7 +79,7 @@ def test_bench_cli_reference_and_variants_then_resume(assets, tmp_path):
 
 
 def test_select_records_limits_per_task(assets):
-    from eyecare_edge.bench.loaders import load_bench
+    from eyecare_edge.qa.loaders import load_bench
 
     records = load_bench(assets.bench)
     picked = select_records(records, limit=2, tasks=["closed", "report"])

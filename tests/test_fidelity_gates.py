@@ -9,9 +9,9 @@ from click.testing import CliRunner
 from runtime_fixtures import runtime_assets
 
 from eyecare_edge.bench.by_kind import agreement, by_kind
-from eyecare_edge.bench.records import BenchResult
 from eyecare_edge.bundle import read_manifest
 from eyecare_edge.cli import main
+from eyecare_edge.qa.records import BenchResult
 
 
 def test_unvalidated_export_is_not_recorded_as_passed(tmp_path_factory):

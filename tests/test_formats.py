@@ -83,8 +83,9 @@ def test_exporter_and_validators_read_the_table():
 def test_runtime_lists_equal_the_table():
     """Lists the runtime still keeps (vision, TensorRT, llama.cpp, perf) equal the table's until
     they read it (see the formats/presets note in ARCHITECTURE.md)."""
-    from eyecare_edge import llm, vision
     from eyecare_edge.perf import build
+
+    from eyecare_edge import llm, vision
     from eyecare_edge.vision import engine_build, engines
 
     assert format_names("vision") == vision.PRECISIONS

@@ -22,10 +22,11 @@ from eyecare_edge.export.gguf_eval import (
     mean_kl,
     top1_agreement,
 )
-from eyecare_edge.export.gguf_header import GgufHeader, read_gguf_header, tensor_bytes
 from eyecare_edge.export.gguf_quantize import quantize_gguf
 from eyecare_edge.export.gguf_writer import write_llm_gguf
 from eyecare_edge.training.smol import load_smollm2, smollm2_gguf_path
+
+from eyecare_edge.gguf_header import GgufHeader, read_gguf_header, tensor_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -27,7 +27,6 @@ from eyecare_edge.export.gguf_eval import (
     mean_kl,
     top1_agreement,
 )
-from eyecare_edge.export.gguf_header import read_gguf_header, tensor_bytes
 from eyecare_edge.export.gguf_quantize import KNOWN_QTYPES, ftype_for, gguf_tensor_types, quantize_gguf
 from eyecare_edge.export.gguf_vocab import BYTE, CONTROL, UNUSED, bpe_pre_tokenizer_name
 from eyecare_edge.export.gguf_writer import write_llm_gguf
@@ -43,6 +42,8 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+from eyecare_edge.gguf_header import read_gguf_header, tensor_bytes
 
 SP = "\u2581"
 BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
@@ -582,6 +583,15 @@ def test_quantize_type_names(tmp_path):
         quantize_gguf(tmp_path / "missing.gguf", tmp_path / "out.gguf", "q8_0")
     with pytest.raises(FileNotFoundError, match=r"missing\.gguf"):
         gguf_tensor_types(tmp_path / "missing.gguf")
+
+
+def test_header_reader_type_table_matches_gguf_package():
+    # The runtime reader keeps its own copy of gguf's type table (the runtime lacks `gguf`).
+    from eyecare_edge.gguf_header import GGML_TYPES, GGUF_DEFAULT_ALIGNMENT
+
+    expected = {int(q): (q.name, *gguf.GGML_QUANT_SIZES[q]) for q in gguf.GGMLQuantizationType}
+    assert expected == GGML_TYPES
+    assert gguf.GGUF_DEFAULT_ALIGNMENT == GGUF_DEFAULT_ALIGNMENT
 
 
 def test_header_reader_matches_gguf_reader(exported):

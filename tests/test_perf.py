@@ -12,13 +12,17 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-from eyecare_edge.perf import costs
 from eyecare_edge.perf.build import BuildSpec, cached
-from eyecare_edge.perf.reference import largest_prefix
-from eyecare_edge.perf.report import build_report, check, render_table
+from eyecare_edge.perf.inputs import budget_list, same_budget
+from eyecare_edge.perf.options import PerfOptions
+from eyecare_edge.perf.ratios import check
+from eyecare_edge.perf.report import build_report
 from eyecare_edge.perf.rss import ChildError, run_in_child
-from eyecare_edge.perf.run import PerfOptions, budget_list, run_perf, same_budget
+from eyecare_edge.perf.run import run_perf
+from eyecare_edge.perf.table import render_table
+
+from eyecare_edge import costs
+from eyecare_edge.costs import largest_prefix
 from eyecare_edge.preprocess import preset_preprocess
 
 # Phi-3.5-mini and SigLIP-so400m (26 blocks) as an EyecareGPT config.json holds them.
@@ -169,10 +173,10 @@ def test_child_returns_its_value_and_its_own_peak_rss():
 
 def test_child_failure_names_the_error(tmp_path):
     with pytest.raises(ChildError, match="no_such_function"):
-        run_in_child("eyecare_edge.perf.costs:no_such_function", {})
+        run_in_child("eyecare_edge.costs:no_such_function", {})
     with pytest.raises(ChildError, match="ValueError"):
         run_in_child(
-            "eyecare_edge.perf.costs:scale_time", {"measured": 1.0, "work_measured": 0.0, "work_full": 1.0}
+            "eyecare_edge.costs:scale_time", {"measured": 1.0, "work_measured": 0.0, "work_full": 1.0}
         )
     with pytest.raises(ChildError, match="limit"):
         run_in_child(
@@ -386,7 +390,7 @@ def test_perf_help_does_not_import_torch():
     code = (
         "import sys; from click.testing import CliRunner; from eyecare_edge.cli import main; "
         "r = CliRunner().invoke(main, ['perf', '--help']); assert r.exit_code == 0, r.output; "
-        "assert '--llm-layers' in r.output; import eyecare_edge.perf.run, eyecare_edge.perf.report; "
+        "assert '--llm-layers' in r.output; import eyecare_edge.perf.run, eyecare_edge.perf.report, eyecare_edge.perf.table; "
         "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

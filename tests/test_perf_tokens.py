@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+from eyecare_edge.perf.report import build_report
+from eyecare_edge.perf.table import render_table
+from eyecare_edge.perf.token_report import Candidate, choose_default
+from eyecare_edge.perf.tokens import pipeline_overrides, question_type, token_grid
 from test_perf import _raw
 
 from eyecare_edge.cli import main
-from eyecare_edge.perf.report import build_report, render_table
-from eyecare_edge.perf.tokens import choose_default, pipeline_overrides, question_type, token_grid
 from eyecare_edge.reduce import NAMED_BUDGETS
 
 
@@ -106,7 +108,7 @@ def test_a_tile_cut_the_accuracy_bundle_did_not_make_is_not_eligible():
 
 
 def test_choose_default_without_accuracy_and_grid_helpers():
-    assert choose_default([{"name": "full", "n_image_tokens": 10, "accuracy": None}]) is None
+    assert choose_default([Candidate("full", n_image_tokens=10, accuracy=None)]) is None
     grid = token_grid((0.5,), ("pool",))
     assert [g["name"] for g in grid] == ["full", "50% pool", "fast pool"]
     assert pipeline_overrides(grid[0]) == {"visual_tokens": "all"}

@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 from runtime_fixtures import FAST, copy_bundle, runtime_assets
 
-from eyecare_edge.bench.loaders import load_bench
 from eyecare_edge.bundle import BundleError, add_file, read_manifest, write_manifest
 from eyecare_edge.images import ImageError, load_image
 from eyecare_edge.llm import LLMError
@@ -34,6 +33,7 @@ from eyecare_edge.pipeline import (
     max_visual_tokens,
 )
 from eyecare_edge.preprocess import PreprocessConfig, grid_pinpoints, plan_image
+from eyecare_edge.qa.loaders import load_bench
 
 MAX_TOKENS = 48  # long enough for every closed answer and a sentence or two of the others
 
@@ -89,7 +89,7 @@ def _agreement(a: list[str], b: list[str]) -> float:
 
 def _same_option(a: str, b: str, options) -> bool:
     """Both answers commit to the same option letter; two unparseable answers do not agree."""
-    from eyecare_edge.bench.answers import parse_choice
+    from eyecare_edge.qa.answers import parse_choice
 
     x = parse_choice(a, options)
     return x is not None and x == parse_choice(b, options)
@@ -184,7 +184,7 @@ def closed_parity(checkpoint, bundle, records, kinds: dict[str, str]) -> dict:
     from eyecare_edge.training.checkpoint import load_checkpoint
     from eyecare_edge.training.evaluate import generate_answer
 
-    from eyecare_edge.bench.answers import parse_choice
+    from eyecare_edge.qa.answers import parse_choice
 
     recs = [r for r in records if r.task == "closed"]
     threads = torch.get_num_threads()

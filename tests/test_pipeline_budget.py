@@ -14,11 +14,11 @@ import pytest
 from click.testing import CliRunner
 from runtime_fixtures import FAST, copy_bundle, runtime_assets
 
-from eyecare_edge.bench.loaders import load_bench
 from eyecare_edge.bundle import read_manifest, write_manifest
 from eyecare_edge.cli import main
 from eyecare_edge.images import load_image
 from eyecare_edge.pipeline import Pipeline, default_n_ctx
+from eyecare_edge.qa.loaders import load_bench
 from eyecare_edge.reduce import TokenBudget
 
 EXACT = {"llm": "f32", "vision_precision": "fp32", "kv_type": "f32", **FAST}

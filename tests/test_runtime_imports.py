@@ -1,4 +1,4 @@
-"""The runtime package must never pull in torch or transformers (Jetson/camera installs lack them)."""
+"""The runtime package must never pull in torch, transformers or gguf (Jetson/camera installs lack them)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ RUNTIME_MODULES = [
     "eyecare_edge.layout",
     "eyecare_edge.reduce",
     "eyecare_edge.bundle",
+    "eyecare_edge.gguf_header",
+    "eyecare_edge.costs",
+    "eyecare_edge.prefill_estimate",
     "eyecare_edge.prompts",
-    "eyecare_edge.bench.loaders",
+    "eyecare_edge.qa.loaders",
     "eyecare_edge.bench.metrics",
     "eyecare_edge.bench.report",
     "eyecare_edge.bench.runner",
@@ -51,7 +54,7 @@ RUNTIME_MODULES = [
 def test_runtime_module_imports_without_torch(module):
     code = (
         f"import sys, importlib; importlib.import_module({module!r}); "
-        "heavy = [m for m in ('torch', 'transformers', 'peft', 'accelerate') if m in sys.modules]; "
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'accelerate', 'gguf') if m in sys.modules]; "
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -4,7 +4,7 @@ Two file shapes are read (JSON list or JSONL, detected from the first record):
 
 - LLaVA / Eyecare-100K: `id`, `image` (a path or a list of paths), `conversations` of
   human/gpt turns with `<image>` placeholders, optional `modality`;
-- the project's bench JSONL (`eyecare_edge.bench.loaders.load_bench`): each question becomes a
+- the project's bench JSONL (`eyecare_edge.qa.loaders.load_bench`): each question becomes a
   one-turn conversation asked exactly as the bench asks it (`BenchRecord.prompt_text()`).
 
 A sample's text is tokenized by `training.encoding` with each `<image>` expanded to the number of
@@ -29,14 +29,6 @@ import torch
 from eyecare_edge.training.encoding import Encoded, EncodingError, encode_conversation
 from torch.utils.data import Dataset
 
-from eyecare_edge.bench.loaders import (
-    BenchFormatError,
-    load_bench,
-    normalize_modality,
-    read_json_records,
-    split_closed_question,
-)
-from eyecare_edge.bench.records import has_all_report_sections
 from eyecare_edge.errors import EyecareError
 from eyecare_edge.images import ImageError, load_image, read_header
 from eyecare_edge.preprocess import (
@@ -51,6 +43,14 @@ from eyecare_edge.prompts import (
     get_template,
     with_image_placeholders,
 )
+from eyecare_edge.qa.loaders import (
+    BenchFormatError,
+    load_bench,
+    normalize_modality,
+    read_json_records,
+    split_closed_question,
+)
+from eyecare_edge.qa.records import has_all_report_sections
 
 log = logging.getLogger("eyecare_edge.training")
 

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from eyecare_edge.training.encoding import encode_prompt
 
-from eyecare_edge.bench.answers import parse_choice
-from eyecare_edge.bench.loaders import load_bench
 from eyecare_edge.images import load_image
 from eyecare_edge.preprocess import preprocess_images
 from eyecare_edge.prompts import Message, get_template, with_image_placeholders
+from eyecare_edge.qa.answers import parse_choice
+from eyecare_edge.qa.loaders import load_bench
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eyecare_edge.bench.loaders import BenchFormatError, read_json_records
 from eyecare_edge.errors import EyecareError
+from eyecare_edge.qa.loaders import BenchFormatError, read_json_records
 
 log = logging.getLogger("eyecare_edge.training")
 

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eyecare_edge.bench.answers import parse_choice
-from eyecare_edge.bench.records import BenchResult
+from eyecare_edge.qa.answers import parse_choice
+from eyecare_edge.qa.records import BenchResult
 
 
 def kinds_from_truth(truth_jsonl: Path) -> dict[str, str]:

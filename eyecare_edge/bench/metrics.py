@@ -23,6 +23,8 @@ Conventions (all scores are fractions in [0, 1], BLEU included, so one table has
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 import re
 import string
@@ -33,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from eyecare_edge.bench.answers import parse_choice, parse_yes_no
-from eyecare_edge.bench.records import (
+from eyecare_edge.errors import EyecareError
+from eyecare_edge.qa.answers import parse_choice, parse_yes_no
+from eyecare_edge.qa.records import (
     MODALITIES,
     REPORT_SECTIONS,
     TASKS,
@@ -87,11 +90,39 @@ def accuracy_with_ci(
 # --- text overlap --------------------------------------------------------------------------------
 
 
+class BenchExtraMissing(EyecareError, ImportError):
+    """The bench needs a package of the `bench` extra, which the runtime install leaves out."""
+
+    def __init__(self, package: str) -> None:
+        super().__init__(
+            f"the bench needs {package}, which the runtime install leaves out: "
+            "pip install 'eyecare-edge[bench]'"
+        )
+
+
+def _import_bench(module: str, package: str) -> Any:
+    """Import `module` of the `bench` extra; a clear `BenchExtraMissing` instead of an ImportError."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise BenchExtraMissing(package) from e
+
+
+# module -> the package of the `bench` extra that provides it (rich: the bench's progress bars)
+BENCH_EXTRA = {"rouge_score": "rouge-score", "sacrebleu": "sacrebleu", "rich": "rich"}
+
+
+def require_bench_extra() -> None:
+    """Fail before any work when the `bench` extra is missing (the runtime install leaves it out)."""
+    for module, package in BENCH_EXTRA.items():
+        if importlib.util.find_spec(module) is None:
+            raise BenchExtraMissing(package)
+
+
 @lru_cache(maxsize=1)
 def _rouge_scorer() -> Any:
     # Imported here: rouge-score pulls in nltk (~0.6 s), which `eyecare-edge ask` never needs.
-    from rouge_score import rouge_scorer
-
+    rouge_scorer = _import_bench("rouge_score.rouge_scorer", "rouge-score")
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
@@ -102,8 +133,7 @@ def rouge_l(pred: str, ref: str) -> float:
 
 def bleu(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
     """Corpus BLEU-1 and BLEU-4 of `preds` against one reference each, as fractions in [0, 1]."""
-    from sacrebleu.metrics import BLEU
-
+    BLEU = _import_bench("sacrebleu.metrics", "sacrebleu").BLEU
     if len(preds) != len(refs):
         raise ValueError(f"bleu: {len(preds)} predictions but {len(refs)} references")
     if not preds:

@@ -27,7 +27,7 @@ from eyecare_edge.bench.metrics import (
     score_results,
     task_order,
 )
-from eyecare_edge.bench.records import REPORT_SECTIONS, BenchResult
+from eyecare_edge.qa.records import REPORT_SECTIONS, BenchResult
 
 TASK_TITLES = {"closed": "Closed QA", "open": "Open QA", "report": "Report generation"}
 METRIC_NAMES = {

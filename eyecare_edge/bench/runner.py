@@ -1,5 +1,8 @@
 """Run systems (bundle variants, the PyTorch reference) over Eyecare-Bench records, resumably.
 
+A system is any `Answerer` callable: `bundle_answerer` here, the PyTorch reference's from
+`eyecare_edge.training.reference.reference_answerer` (the bench never imports torch rooms).
+
 Each system writes its own JSONL under `REPORT_DIR/results/` through the screening module's
 durable `ResultsFile` (one fsynced line per answer, torn last line dropped on resume), so a bench
 killed at any point continues where it stopped with `--resume` semantics always on: an answer is
@@ -16,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from eyecare_edge.bench.records import BenchRecord, BenchResult
 from eyecare_edge.images import ImageError, load_image
+from eyecare_edge.qa.records import BenchRecord, BenchResult
 from eyecare_edge.screening import ResultsFile
 
 # Answer lengths per task: a letter, a sentence or two, a three-section report.
@@ -142,23 +145,3 @@ def bundle_answerer(pipeline) -> Answerer:
         return a.text, {_seconds_key(k): v / 1000.0 if k.endswith("_ms") else v for k, v in a.timings.items()}
 
     return answer
-
-
-def reference_answerer(checkpoint: str | Path, *, preprocess: dict | None = None) -> tuple[Answerer, str]:
-    """The PyTorch checkpoint's greedy answers (imports torch: the reference side of the bench).
-
-    `preprocess` (a bundle's) makes the reference see the same tiles and token budget as the
-    bundle, so the comparison measures the export alone.
-    """
-    from eyecare_edge.export.exporter import checkpoint_digest
-    from eyecare_edge.training.checkpoint import load_checkpoint
-    from eyecare_edge.training.evaluate import generate_answer
-
-    model, tokenizer = load_checkpoint(checkpoint)
-    if preprocess is not None:
-        model.config.preprocess = dict(preprocess)
-
-    def answer(images: list[np.ndarray], question: str, max_tokens: int) -> tuple[str, dict[str, float]]:
-        return generate_answer(model, tokenizer, images, question, max_new_tokens=max_tokens), {}
-
-    return answer, checkpoint_digest(Path(checkpoint))

@@ -68,18 +68,21 @@ def bench(
           --variant vision=fp32,llm=f16 --variant vision=int8_u8s8,llm=q4_k_m -o report
     Resumable: run it again with the same -o to continue after an interruption.
     """
-    from eyecare_edge.bench.loaders import load_bench
+    from eyecare_edge.bench.metrics import require_bench_extra
+
+    require_bench_extra()
     from eyecare_edge.bench.report import write_report
     from eyecare_edge.bench.runner import (
         REFERENCE_NAME,
         bundle_answerer,
         parse_variant,
-        reference_answerer,
         run_system,
         select_records,
     )
     from eyecare_edge.bundle import read_manifest
     from eyecare_edge.pipeline import Pipeline
+    from eyecare_edge.qa.loaders import load_bench
+    from eyecare_edge.training.reference import reference_answerer
 
     try:
         manifest = read_manifest(bundle)

@@ -245,18 +245,18 @@ def _print_vision_eval(path: Path) -> None:
 def _bench(
     steps: _Steps, recipe: DemoRecipe, paths: dict[str, Path], threads: int | None
 ) -> dict[str, dict[str, float]]:
-    from eyecare_edge.bench.loaders import load_bench
     from eyecare_edge.bench.report import write_report
     from eyecare_edge.bench.runner import (
         REFERENCE_NAME,
         Variant,
         bundle_answerer,
-        reference_answerer,
         run_system,
         select_records,
     )
     from eyecare_edge.bundle import read_manifest
     from eyecare_edge.pipeline import Pipeline
+    from eyecare_edge.qa.loaders import load_bench
+    from eyecare_edge.training.reference import reference_answerer
 
     records = load_bench(paths["data"] / "bench.jsonl")
     chosen = select_records(records, limit=recipe.bench_items, tasks=[recipe.train_tasks])

@@ -74,7 +74,7 @@ def inspect_images(
     )
     gflops = None
     if shape is not None:
-        from eyecare_edge.perf.estimate import measure_matmul_gflops
+        from eyecare_edge.prefill_estimate import measure_matmul_gflops
 
         gflops = measure_matmul_gflops()
     rows: list[dict] = []
@@ -135,8 +135,8 @@ def inspect_images(
 def resolve_reduction(preset, checkpoint, bundle, visual_tokens, method):
     """(TokenBudget, LLM shape for the estimate or None): a bundle's baked budget with the
     options applied; the shape of the bundle's / checkpoint's / preset's LLM."""
-    from eyecare_edge.perf.costs import shapes_from_config
-    from eyecare_edge.perf.estimate import llm_shape_for
+    from eyecare_edge.costs import shapes_from_config
+    from eyecare_edge.prefill_estimate import llm_shape_for
     from eyecare_edge.reduce import TokenBudget, parse_visual_tokens
 
     baked: dict = {}
@@ -162,6 +162,6 @@ def resolve_reduction(preset, checkpoint, bundle, visual_tokens, method):
 def _prefill_s(shape, n_tokens: int, gflops: float | None) -> float | None:
     if shape is None or not gflops:
         return None
-    from eyecare_edge.perf.estimate import prefill_seconds
+    from eyecare_edge.prefill_estimate import prefill_seconds
 
     return round(prefill_seconds(shape, n_tokens, gflops), 2)

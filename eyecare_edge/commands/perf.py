@@ -180,12 +180,13 @@ def perf(
     The default run takes minutes on 2 cores (plus a one-off build of ~4 GB of cached files);
     figures at full depth are extrapolated per layer (see the report's `extrapolation`).
     """
-    from eyecare_edge.perf.reference import DTYPES
-    from eyecare_edge.perf.report import render_table
-    from eyecare_edge.perf.run import DEFAULT_WORKDIR, PerfOptions, run_perf, write_json
+    from eyecare_edge.formats import REFERENCE_DTYPES
+    from eyecare_edge.perf.options import DEFAULT_WORKDIR, PerfOptions
+    from eyecare_edge.perf.run import run_perf, write_json
+    from eyecare_edge.perf.table import render_table
 
     refs = _csv(references)
-    bad = [r for r in refs if r not in DTYPES]
+    bad = [r for r in refs if r not in REFERENCE_DTYPES]
     if bad:
         raise click.BadParameter(f"unknown reference dtype(s) {bad}", param_hint="--references")
     if vision_layers == 1:

@@ -309,18 +309,24 @@ def screen(
 
 
 class _progress_bar:
-    """A rich progress bar on stderr with ETA, adapted to `screening.Progress`."""
+    """A rich progress bar on stderr with ETA, adapted to `screening.Progress`. None without rich:
+    the runtime install (`eyecare-edge[cpu]`, a camera PC) goes without it; the `bench` extra has it."""
 
     def __init__(self, total: int, *, disabled: bool) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        self.errors = 0
+        try:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+        except ImportError:
+            self.bar = None
+            return
 
         self.bar = Progress(
             TextColumn("screen"),
@@ -335,16 +341,18 @@ class _progress_bar:
             transient=False,
         )
         self.task = self.bar.add_task("screen", total=total, errors=0)
-        self.errors = 0
 
     def __enter__(self):
         from eyecare_edge.screening import Progress as ScreenProgress
 
+        if self.bar is None:
+            return ScreenProgress()
         self.bar.start()
         return ScreenProgress(add_total=self._add_total, advance=self._advance)
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
+        if self.bar is not None:
+            self.bar.stop()
 
     def _add_total(self, n: int) -> None:
         task = self.bar.tasks[0]

@@ -199,10 +199,27 @@ def weight_bytes_from_tensors(sizes: Mapping[str, int], n_layers: int, hidden: i
     )
 
 
+def largest_prefix(
+    shape: LLMShape, n_tokens: int, flops_per_s: float, box_s: float, minimum: int = 128
+) -> int:
+    """The longest prompt prefix whose predicted prefill time fits `box_s` (at least `minimum`,
+    at most n_tokens)."""
+    if flops_per_s <= 0 or shape.prefill_flops(n_tokens) / flops_per_s <= box_s:
+        return n_tokens
+    lo, hi = min(minimum, n_tokens), n_tokens
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if shape.prefill_flops(mid) / flops_per_s <= box_s:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def gguf_weight_bytes(path: str | os.PathLike[str], n_layers: int, hidden: int) -> WeightBytes:
-    """WeightBytes of a GGUF file, from its tensor table (header only; the data is not read).
-    Needs the `gguf` package (the export extra)."""
-    from eyecare_edge.export.gguf_header import read_gguf_header
+    """WeightBytes of a GGUF file, from its tensor table (header only; the data is not read;
+    the runtime's own reader, so no `gguf` package is needed)."""
+    from eyecare_edge.gguf_header import read_gguf_header
 
     header = read_gguf_header(path)
     return weight_bytes_from_tensors(

@@ -1,6 +1,7 @@
-"""The PyTorch/transformers references: what a user gets running the checkpoint in FP32 or BF16.
+"""The PyTorch/transformers references: what a user gets running the checkpoint in FP32 or BF16,
+and the bench's reference answerer (`reference_answerer`, handed to `bench.runner.run_system`).
 
-torch is imported inside the functions only; they run in child processes (`rss.run_in_child`), so
+torch is imported inside the functions only; they run in child processes (`eyecare_edge.perf.rss.run_in_child`), so
 the command itself, and every other measurement, stay torch-free.
 
 One `measure_reference` call is one end-to-end answer, timed by part:
@@ -12,7 +13,7 @@ One `measure_reference` call is one end-to-end answer, timed by part:
             bookkeeping, and without stopping at an end-of-text token: random weights would)
 
 Time boxes: a reference slower than the box (BF16 on a CPU without BF16 hardware runs at a small
-fraction of FP32) is measured on less work and scaled by the FLOP model of `costs`: the prefill on
+fraction of FP32) is measured on less work and scaled by the FLOP model of `eyecare_edge.costs`: the prefill on
 the first P prompt positions, vision on one tile times the tile count, decode on fewer steps. The
 result says what was measured (`prefill_tokens_measured`, `vision_composed`,
 `decode_tokens_measured`), so a scaled figure is never mistaken for a measured one.
@@ -23,11 +24,18 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from eyecare_edge.perf.costs import LLMShape, shapes_from_config
+import numpy as np
+from eyecare_edge.training.digest import checkpoint_digest
 
-DTYPES = ("fp32", "bf16", "fp16")
+from eyecare_edge.costs import largest_prefix, shapes_from_config
+from eyecare_edge.formats import REFERENCE_DTYPES
+
+DTYPES = REFERENCE_DTYPES
+# (images, question, max_tokens) -> (text, timings): the shape of the bench's `Answerer`.
+Answer = Callable[[list[np.ndarray], str, int], tuple[str, dict[str, float]]]
 
 
 def _torch_dtype(name: str):
@@ -83,23 +91,6 @@ def matmul_gflops(
     return round(best, 2)
 
 
-def largest_prefix(
-    shape: LLMShape, n_tokens: int, flops_per_s: float, box_s: float, minimum: int = 128
-) -> int:
-    """The longest prompt prefix whose predicted prefill time fits `box_s` (at least `minimum`,
-    at most n_tokens)."""
-    if flops_per_s <= 0 or shape.prefill_flops(n_tokens) / flops_per_s <= box_s:
-        return n_tokens
-    lo, hi = min(minimum, n_tokens), n_tokens
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if shape.prefill_flops(mid) / flops_per_s <= box_s:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 def measure_reference(
     ckpt: str,
     dtype: str,
@@ -113,10 +104,10 @@ def measure_reference(
 ) -> dict:
     """One end-to-end answer of the transformers model in `dtype`; see the module docstring."""
     import torch
-
-    from eyecare_edge.images import load_image
     from eyecare_edge.training.checkpoint import load_checkpoint
     from eyecare_edge.training.evaluate import prompt_inputs
+
+    from eyecare_edge.images import load_image
 
     _setup_threads(threads)
     llm_shape, vision_shape = shapes_from_config(json.loads((Path(ckpt) / "config.json").read_text()))
@@ -253,3 +244,23 @@ def closed_qa_accuracy_torch(
         )
     model.config.preprocess = base.to_dict()
     return rows
+
+
+def reference_answerer(checkpoint: str | Path, *, preprocess: dict | None = None) -> tuple[Answer, str]:
+    """The PyTorch checkpoint's greedy answers and its digest: the bench's reference system, an
+    `eyecare_edge.bench.runner.Answerer` the bench is given (imports torch when called).
+
+    `preprocess` (a bundle's) makes the reference see the same tiles and token budget as the
+    bundle, so the comparison measures the export alone.
+    """
+    from eyecare_edge.training.checkpoint import load_checkpoint
+    from eyecare_edge.training.evaluate import generate_answer
+
+    model, tokenizer = load_checkpoint(checkpoint)
+    if preprocess is not None:
+        model.config.preprocess = dict(preprocess)
+
+    def answer(images: list[np.ndarray], question: str, max_tokens: int) -> tuple[str, dict[str, float]]:
+        return generate_answer(model, tokenizer, images, question, max_new_tokens=max_tokens), {}
+
+    return answer, checkpoint_digest(Path(checkpoint))

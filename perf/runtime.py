@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eyecare_edge.perf.costs import LLMShape
+from eyecare_edge.costs import LLMShape
 
 DEFAULT_QUESTION = "Describe the findings in this fundus photograph."
 
@@ -367,9 +367,9 @@ def closed_qa_accuracy(
 ) -> list[dict]:
     """Closed-QA accuracy (and mean TTFT) of a bundle under each budget `{"name", "max_tiles",
     "anyres_max"}`; answers parsed with the bench's `parse_choice`."""
-    from eyecare_edge.bench.answers import parse_choice
-    from eyecare_edge.bench.loaders import load_bench
     from eyecare_edge.bench.metrics import accuracy_with_ci
+    from eyecare_edge.qa.answers import parse_choice
+    from eyecare_edge.qa.loaders import load_bench
 
     records = [r for r in load_bench(bench) if r.task == "closed"]
     if limit is not None:

@@ -51,13 +51,13 @@ def position_fidelity(
 ) -> dict:
     """KL / top-1 agreement with the full-token answer, and letter accuracy, per method x scheme."""
     import torch
-
-    from eyecare_edge.bench.loaders import load_bench
-    from eyecare_edge.images import load_image
     from eyecare_edge.training.checkpoint import load_checkpoint
     from eyecare_edge.training.evaluate import prompt_inputs
     from eyecare_edge.training.layout import layout_parts as layout_parts_torch
     from eyecare_edge.training.reduce import reduce_image
+
+    from eyecare_edge.images import load_image
+    from eyecare_edge.qa.loaders import load_bench
 
     if threads:
         torch.set_num_threads(threads)

@@ -26,15 +26,15 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from eyecare_edge.bench.answers import parse_choice
-from eyecare_edge.bench.records import (
+from eyecare_edge.errors import EyecareError
+from eyecare_edge.prompts import CLOSED_QA_INSTRUCTION
+from eyecare_edge.qa.answers import parse_choice
+from eyecare_edge.qa.records import (
     MODALITIES,
     BenchRecord,
     has_all_report_sections,
     strip_image_placeholders,
 )
-from eyecare_edge.errors import EyecareError
-from eyecare_edge.prompts import CLOSED_QA_INSTRUCTION
 
 FORMATS = ("auto", "jsonl", "llava", "omnimedvqa")
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from eyecare_edge.prefill_estimate import measure_numpy_matmul
+
 # CPU features that decide which kernels the backends can use (x86 names from /proc/cpuinfo).
 INTERESTING_FLAGS = (
     "avx2",
@@ -141,15 +143,6 @@ def measure_bandwidth(size_bytes: int = 512 << 20, threads: int = 1, repeats: in
 
         one_pass()  # warm: page tables, thread start
         return _best_rate(buf.nbytes / 1e9, one_pass, repeats)
-
-
-def measure_numpy_matmul(m: int = 512, k: int = 3072, n: int = 3072, repeats: int = 3) -> float:
-    """FP32 GFLOP/s of numpy's BLAS on an (m, k) @ (k, n) product (the prefill's shape class)."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((m, k), dtype=np.float32)
-    b = rng.standard_normal((k, n), dtype=np.float32)
-    a @ b  # warm: BLAS threads, packing buffers
-    return _best_rate(2.0 * m * k * n / 1e9, lambda: a @ b, repeats)
 
 
 @dataclass

@@ -27,11 +27,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from eyecare_edge import __version__
+from eyecare_edge.formats import export_formats, format_names
 
-# The export default (export/exporter.py DEFAULT_VISION; a test keeps them equal).
-DEFAULT_VISION = ("fp32", "fp16", "int8", "int8_u8s8")
-GPU_VISION = ("fp16",)
-DEFAULT_LLM = ("f16", "bf16", "q8_0", "q4_k_m")
+# From the formats table: what export writes by default, the GPU-only vision formats, and the LLM
+# types perf measures (bf16 too: the CPU's BF16 speed is a question perf answers).
+DEFAULT_VISION = format_names("vision", default=True)
+GPU_VISION = tuple(
+    f.name for f in export_formats() if f.role == "vision" and f.prefer == "gpu" and "ort-cpu" not in f.backends
+)
+DEFAULT_LLM = format_names("llm", measured=True)
 STAMP = "build.json"
 
 

@@ -4,6 +4,10 @@
 on a 50k-150k token vocabulary (SmolLM2, Qwen2). Checks that only need names, shapes, types
 and keys read the header here in well under a second; tensor bytes can then be mapped one
 tensor at a time (`tensor_bytes`).
+
+Runtime code: struct and numpy only. The `gguf` package (the export room's writer) is not part of
+the runtime install, so its two tables this reader needs are kept here (`GGML_TYPES`, the default
+alignment) and tests/test_gguf_writer.py checks them against the package.
 """
 
 from __future__ import annotations
@@ -13,10 +17,48 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 
 _MAGIC = b"GGUF"
+# GGUF spec: tensor data starts at a multiple of this unless `general.alignment` says otherwise.
+GGUF_DEFAULT_ALIGNMENT = 32
+# ggml type id -> (name, elements per block, bytes per block), as gguf.GGML_QUANT_SIZES (gguf 0.19).
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+    40: ("NVFP4", 64, 36),
+    41: ("Q1_0", 128, 18),
+}
 _SCALARS: dict[int, tuple[str, int]] = {
     0: ("<B", 1),
     1: ("<b", 1),
@@ -111,14 +153,15 @@ def read_gguf_header(path: str | Path) -> GgufHeader:
         name = cur.string()
         shape = tuple(cur.unpack("<Q", 8) for _ in range(cur.unpack("<I", 4)))
         raw.append((name, shape, cur.unpack("<I", 4), cur.unpack("<Q", 8)))
-    alignment = int(metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+    alignment = int(metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
     data_start = (cur.pos + alignment - 1) // alignment * alignment
     tensors = {}
     for name, shape, kind, offset in raw:
-        qtype = gguf.GGMLQuantizationType(kind)
-        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        if kind not in GGML_TYPES:
+            raise ValueError(f"{file}: tensor {name!r} has unknown ggml type {kind}")
+        type_name, block, type_size = GGML_TYPES[kind]
         n_bytes = int(np.prod(shape, dtype=np.int64)) // block * type_size
-        tensors[name] = GgufTensorInfo(name, shape, qtype.name, data_start + offset, n_bytes)
+        tensors[name] = GgufTensorInfo(name, shape, type_name, data_start + offset, n_bytes)
     return GgufHeader(version=version, metadata=metadata, tensors=tensors)
 
 

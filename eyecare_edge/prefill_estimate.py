@@ -11,7 +11,11 @@ run `eyecare-edge perf` for measured figures.
 
 from __future__ import annotations
 
-from eyecare_edge.perf.costs import LLMShape
+import time
+
+import numpy as np
+
+from eyecare_edge.costs import LLMShape
 
 PREFILL_EFFICIENCY = 0.60
 
@@ -36,8 +40,23 @@ def prefill_seconds(shape: LLMShape, n_tokens: int, matmul_gflops: float) -> flo
     return shape.prefill_flops(n_tokens) / (PREFILL_EFFICIENCY * matmul_gflops * 1e9)
 
 
+def measure_numpy_matmul(m: int = 512, k: int = 3072, n: int = 3072, repeats: int = 3) -> float:
+    """FP32 GFLOP/s of numpy's BLAS on an (m, k) @ (k, n) product (the prefill's shape class):
+    the best of `repeats` timed products after a warm one (BLAS threads, packing buffers)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((k, n), dtype=np.float32)
+    a @ b
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        dt = time.perf_counter() - t
+        if dt > 0:
+            best = max(best, 2.0 * m * k * n / 1e9 / dt)
+    return best
+
+
 def measure_matmul_gflops() -> float:
     """This machine's numpy FP32 matmul rate (best of 3)."""
-    from eyecare_edge.perf.machine import measure_numpy_matmul
-
     return measure_numpy_matmul(repeats=3)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from eyecare_edge.training.collate import EyecareCollator, pop_meta
 from eyecare_edge.training.data import EyecareDataset, SkipLog, filter_tasks, read_conversations
 from eyecare_edge.training.encoding import IGNORE_INDEX
 from eyecare_edge.training.stages import configure_stage, merge_lora_state_dict
-from eyecare_edge.training.train_options import TrainingError, TrainOptions
+from eyecare_edge.training.train_options import TrainingError, TrainOptions, TrainResult
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -171,22 +171,6 @@ class _LogLastStep(TrainerCallback):
 
 # --- the run ---------------------------------------------------------------------------------------
 
-
-@dataclass
-class TrainResult:
-    out: str
-    stage: str
-    global_step: int
-    samples_seen: int
-    skipped: int
-    skip_reasons: dict[str, int]
-    final_loss: float | None
-    seconds: float
-    resumed_from: int | None
-    trainable: str
-    world_size: int = 1
-    n_samples: int = 0
-    loss_history: list[tuple[int, float]] = field(default_factory=list)
 
     def summary(self) -> str:
         loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "n/a"

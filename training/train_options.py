@@ -7,7 +7,7 @@ YAML keys and CLI options have the same names (dashes or underscores); the CLI w
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +151,23 @@ def resolve_options(config_file: str | os.PathLike[str] | None = None, **given: 
     if missing:
         raise TrainingError(f"missing required option(s): {', '.join('--' + m for m in missing)}")
     return TrainOptions(**merged)
+
+
+@dataclass
+class TrainResult:
+    """What one training run did (every stage returns it; `train --json` prints it)."""
+
+
+    out: str
+    stage: str
+    global_step: int
+    samples_seen: int
+    skipped: int
+    skip_reasons: dict[str, int]
+    final_loss: float | None
+    seconds: float
+    resumed_from: int | None
+    trainable: str
+    world_size: int = 1
+    n_samples: int = 0
+    loss_history: list[tuple[int, float]] = field(default_factory=list)

@@ -203,8 +203,7 @@ def eval_report(heads: LabelHeads, preds: list[torch.Tensor], images: _Images) -
 def run_vision_stage(opts, *, progress: bool = True):
     """Train the tower of `opts.init` on the labels file `opts.data`; write the checkpoint and
     OUT/vision_eval.json. Returns a `TrainResult` like the other stages."""
-    from eyecare_edge.training.train import TrainResult
-    from eyecare_edge.training.train_options import TrainingError
+    from eyecare_edge.training.train_options import TrainingError, TrainResult
 
     t0 = time.perf_counter()
     torch.manual_seed(opts.seed)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -170,21 +169,6 @@ class _LogLastStep(TrainerCallback):
 
 
 # --- the run ---------------------------------------------------------------------------------------
-
-
-    def summary(self) -> str:
-        loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "n/a"
-        skipped = f"{self.skipped} skipped"
-        if self.skip_reasons:
-            skipped += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.skip_reasons.items())) + ")"
-        resumed = f", resumed from step {self.resumed_from}" if self.resumed_from else ""
-        return (
-            f"{self.stage}: {self.samples_seen} samples seen, {skipped}, {self.global_step} steps{resumed}, "
-            f"final loss {loss}, {self.seconds:.1f} s -> {self.out}"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _default_max_length(init: str) -> int:

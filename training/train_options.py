@@ -7,7 +7,7 @@ YAML keys and CLI options have the same names (dashes or underscores); the CLI w
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +171,17 @@ class TrainResult:
     world_size: int = 1
     n_samples: int = 0
     loss_history: list[tuple[int, float]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "n/a"
+        skipped = f"{self.skipped} skipped"
+        if self.skip_reasons:
+            skipped += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.skip_reasons.items())) + ")"
+        resumed = f", resumed from step {self.resumed_from}" if self.resumed_from else ""
+        return (
+            f"{self.stage}: {self.samples_seen} samples seen, {skipped}, {self.global_step} steps{resumed}, "
+            f"final loss {loss}, {self.seconds:.1f} s -> {self.out}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

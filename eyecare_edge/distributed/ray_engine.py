@@ -312,7 +312,11 @@ def _run_pass(
                 "pipeline_factory": pipeline_factory,
             },
             batch_size=batch,
-            compute=ray.data.ActorPoolStrategy(size=config.workers),
+            # The one-per-batch retry pass queues one task per actor: a file queued behind one that
+            # kills the actor would otherwise die with it on every try and be blamed for the crash.
+            compute=ray.data.ActorPoolStrategy(
+                size=config.workers, max_tasks_in_flight_per_actor=1 if batch == 1 else None
+            ),
             num_cpus=config.threads_per_worker,
             num_gpus=config.gpus_per_worker or None,
             max_restarts=config.max_restarts,

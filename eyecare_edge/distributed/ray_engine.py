@@ -35,6 +35,7 @@ from typing import Any
 
 from eyecare_edge.distributed.inputs import Source
 from eyecare_edge.distributed.parts import PartsDir
+from eyecare_edge.errors import EXIT_ITEMS_FAILED, EXIT_OK
 from eyecare_edge.screening import Question, ScreenPipeline, item_id, run_screen
 
 PipelineFactory = Callable[[], ScreenPipeline]
@@ -102,7 +103,7 @@ class RaySummary:
 
     @property
     def exit_code(self) -> int:
-        return 3 if self.n_errors or self.n_previous_errors else 0
+        return EXIT_ITEMS_FAILED if self.n_errors or self.n_previous_errors else EXIT_OK
 
     def to_dict(self) -> dict:
         return {

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from eyecare_edge.bundle import sha256_file
+from eyecare_edge.errors import EXIT_ITEMS_FAILED, EXIT_OK
 from eyecare_edge.image_source import not_regular_reason
 from eyecare_edge.images import ImageError, display_name, read_header
 from eyecare_edge.screening.errors import ScreenError
@@ -55,7 +56,7 @@ class ScreenSummary:
     @property
     def exit_code(self) -> int:
         """0 when every item in the output succeeded, 3 when some ended in an error."""
-        return 3 if self.n_errors or self.n_previous_errors else 0
+        return EXIT_ITEMS_FAILED if self.n_errors or self.n_previous_errors else EXIT_OK
 
     def to_dict(self) -> dict:
         return {

@@ -41,7 +41,6 @@ class DemoRecipe:
     train_batch: int = 8
     train_lr: float = 1e-3
     train_tasks: str = "closed"
-    train_warmup: float = 0.03
     # torch threads while training (1: two busy cores make a second intra-op thread 5-8x slower)
     train_threads: int | None = 1
     vision: tuple[str, ...] = ("fp32", "int8_u8s8")
@@ -170,14 +169,11 @@ def demo(workdir: Path, threads: int | None) -> None:
 
 def _train(steps: _Steps, recipe: DemoRecipe, paths: dict[str, Path]) -> None:
     """vision -> align -> sft, each stage cached under the settings that made it."""
-    if recipe.align_steps:
-        stages = (
-            ("vision", paths["init"], paths["vision"]),
-            ("align", paths["vision"], paths["align"]),
-            ("sft", paths["align"], paths["trained"]),
-        )
-    else:  # sft starts from the seeing tower with a data-dependent connector init
-        stages = (("vision", paths["init"], paths["vision"]), ("sft", paths["vision"], paths["trained"]))
+    stages = (
+        ("vision", paths["init"], paths["vision"]),
+        ("align", paths["vision"], paths["align"]),
+        ("sft", paths["align"], paths["trained"]),
+    )
     prev = steps.state.get("data")
     for name, src, dst in stages:
         key = _key(prev, name, asdict(recipe))
@@ -216,9 +212,8 @@ def _train(steps: _Steps, recipe: DemoRecipe, paths: dict[str, Path]) -> None:
                 out=str(dst),
                 stage=name,
                 tasks=[recipe.train_tasks],
-                connector_init=name == "align" or not recipe.align_steps,
+                connector_init=name == "align",
                 lr=recipe.align_lr if name == "align" else recipe.train_lr,
-                warmup=recipe.train_warmup,
                 max_steps=n,
                 batch_size=recipe.train_batch,
                 resume=False,
@@ -266,6 +261,14 @@ def _bench(
     manifest = read_manifest(paths["bundle"])
     digest = manifest.digest()
     results_dir = paths["report"] / "results"
+    # Results resume item by item only for the same bundle and checkpoint: a retrained checkpoint
+    # (its digest covers train_result.json, so every retraining differs) starts them afresh.
+    key = _key(steps.state.get("export"), recipe.bench_items, recipe.train_tasks)
+    if steps.state.get("bench") != key and results_dir.exists():
+        import shutil
+
+        steps.log(f"bench: the bundle or checkpoint changed; starting {results_dir} afresh")
+        shutil.rmtree(results_dir)
     results = []
     variants = [Variant("fp32", recipe.llm[0]), Variant(recipe.vision[-1], recipe.llm[-1])]
     for v in variants:
@@ -284,6 +287,7 @@ def _bench(
     out = write_report(
         paths["report"], results, reference=REFERENCE_NAME, title="eyecare-edge demo: tiny on phantom data"
     )
+    steps.mark("bench", key)
     steps.log(f"bench: report written to {out.markdown}")
     _print_accuracy(results)
     return _print_by_kind(results, paths)

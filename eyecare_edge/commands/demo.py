@@ -337,10 +337,14 @@ def _screen(steps: _Steps, paths: dict[str, Path], threads: int | None) -> None:
     from eyecare_edge.screening import Question, ResultsFile, run_screen
 
     steps.log("screen: the real sample images shipped with the package (closed questions)")
+    key = steps.state.get("export")
+    if steps.state.get("screen") != key:  # answers of another bundle: screen afresh
+        paths["screen"].unlink(missing_ok=True)
     questions = [Question(format_closed_question(q, options), q, options) for q, options in SCREEN_QUESTIONS]
     with (
         Pipeline.load(paths["bundle"], n_threads=threads) as pipe,
         ResultsFile(paths["screen"], digest=pipe.manifest.digest(), resume=True) as results,
     ):
         s = run_screen(pipe, example_images(), questions, results, task="closed")
+    steps.mark("screen", key)
     steps.log(f"screen: {s.n_ok} ok, {s.n_errors} errors, {s.n_skipped} already done ({s.seconds:.1f} s)")

@@ -31,7 +31,7 @@ def test_demo_runs_every_step_then_reuses_them(tmp_path, monkeypatch):
     first = CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
     state = json.loads((workdir / "demo_state.json").read_text())
-    assert set(state) == {"data", "vision", "align", "sft", "train", "export"}
+    assert set(state) == {"data", "vision", "align", "sft", "train", "export", "bench", "screen"}
     assert (workdir / "ckpt/tiny-vision/vision_eval.json").is_file()
     assert (workdir / "ckpt/tiny-trained/model.safetensors").is_file()
     assert (workdir / "bundle/manifest.json").is_file()
@@ -64,6 +64,14 @@ def test_demo_runs_every_step_then_reuses_them(tmp_path, monkeypatch):
     by_kind = json.loads((workdir / "report/by_kind.json").read_text())
     assert by_kind["rows"][-1]["kind"] == "all" and by_kind["rows"][-1]["n"] == 4
     assert all(t["n_errors"] == 0 for t in by_kind["totals"].values())
+
+    # a changed recipe retrains sft (a new checkpoint digest): the bench starts afresh, no clash
+    monkeypatch.setattr(demo_module, "DemoRecipe", functools.partial(small, train_steps=3))
+    retrained = CliRunner().invoke(main, args)
+    assert retrained.exit_code == 0, retrained.output
+    assert "sft: 3 steps" in retrained.output and "starting" in retrained.output
+    assert all(len(p.read_text().splitlines()) == 4 for p in (workdir / "report/results").glob("*.jsonl"))
+    assert len((workdir / "screen.jsonl").read_text().splitlines()) == len(screened)
 
     # every bench item errors (a broken bundle): the demo must not report success
     import shutil

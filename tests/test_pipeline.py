@@ -244,6 +244,31 @@ def test_closed_letters_parity_on_a_model_that_sees(assets, records):
     check_closed_parity(fig)
 
 
+def test_closed_parity_fails_on_a_checkpoint_whose_tower_does_not_see(assets, records, tmp_path):
+    """The same checks on the fixture checkpoint with its tower re-randomised (connector and LLM
+    kept), exported the same way: the bundle still copies its reference, but the reference no
+    longer reads the image, so check_closed_parity must fail (parity alone proves nothing)."""
+    import torch
+    from eyecare_edge.export.exporter import ExportOptions, export_bundle
+    from eyecare_edge.training.checkpoint import load_checkpoint, save_checkpoint
+
+    from eyecare_edge.bench.by_kind import kinds_from_truth
+
+    model, tokenizer = load_checkpoint(assets.checkpoint, dtype="float32")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.vision_tower.modules():
+            if m is not model.vision_tower and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    blind = save_checkpoint(model, tokenizer, tmp_path / "blind")
+    bundle = tmp_path / "blind-bundle"
+    export_bundle(blind, bundle, ExportOptions(vision=("fp32", "int8"), llm=("f32", "q4_k_m"), validate=False, threads=1))
+    fig = closed_parity(blind, bundle, records, kinds_from_truth(assets.phantom / "truth.jsonl"))
+    print(f"closed parity, re-randomised tower: {fig}")
+    with pytest.raises(AssertionError):
+        check_closed_parity(fig)
+
+
 # ---------------------------------------------------------------------------------------------
 # KV reuse
 # ---------------------------------------------------------------------------------------------

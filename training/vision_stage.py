@@ -13,6 +13,10 @@ EyecareGPT checkpoint (`export`, `align` and `sft` read it). SigLIP's sigmoid im
 not tried (the checkpoint has no text tower). Measured with heads, 400 phantom images, 200 steps,
 batch 16, `minimal` budget: held-out modality, eye and disc side 100%; lesion labels need the PCA
 patch init and more images (800: haemorrhage 89%, hard exudate 89%), see issue 13's note.
+Re-measured later (12 label columns, current phantom): 400 images, 200 steps, `minimal`, patch
+init: eye and disc side 71% held-out (chance 71%, n=31); 800 images, 500 steps (the demo's
+recipe): eye, disc side, haemorrhage, hard exudate 98%, OCT fluid 78% (200 steps: 82%, 82%, 89%,
+89%, 58%).
 
 Images are decoded and tiled once with the runtime's own preprocessing (the checkpoint's
 `preprocess`, after `--budget`), so the tower learns on the tiles it will see at inference.

@@ -171,19 +171,38 @@ def demo(workdir: Path, threads: int | None) -> None:
 
 def _train_threads(recipe: DemoRecipe, threads: int | None) -> int:
     """Torch threads for the training stages: the recipe's or `--threads` if set, else the cores
-    the 1-minute load average leaves free (at least one).
+    other work leaves free right now (at least one).
 
     Why not simply all cores: measured on a 2-core EPYC, an sft step (batch 8) takes 0.87 s with
     2 threads on an idle machine against 1.6 s with 1, but a second intra-op thread on a core
-    another job keeps busy made steps 5-8x slower. Read once, before training adds its own load.
+    another job keeps busy made steps 5-8x slower. Busy cores are sampled over half a second
+    from /proc/stat (the load average lags by a minute); elsewhere the load average is used.
     """
-    import os
 
     from eyecare_edge.llm.device import physical_cores
 
     if recipe.train_threads or threads:
         return recipe.train_threads or threads or 1
-    return max(1, physical_cores() - round(os.getloadavg()[0]))
+    return max(1, physical_cores() - round(_busy_cpus()))
+
+
+def _busy_cpus(window_s: float = 0.5) -> float:
+    """CPUs kept busy by other processes over `window_s` (Linux /proc/stat; else the load average)."""
+    import os
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total jiffies, idle + iowait
+
+    try:
+        t0, i0 = sample()
+        time.sleep(window_s)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    return cpus * (1.0 - (i1 - i0) / max(1, t1 - t0))
 
 
 def _train(steps: _Steps, recipe: DemoRecipe, paths: dict[str, Path], train_threads: int) -> None:

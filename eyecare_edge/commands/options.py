@@ -3,24 +3,24 @@
 Each pipeline flag is named after the `PipelineOptions` field it sets (`--threads` sets
 `n_threads`), so `pipeline_options` fills the dataclass by field name and a flag left unset leaves
 the dataclass default. Choices come from the formats table (`eyecare_edge.formats`) and
-`reduce.METHODS`. The table keeps its own CLI defaults rather than reading `PipelineOptions` at import time: importing the
-pipeline loads llama.cpp (~250 ms), and every command module is imported by `--help`;
-`tests/test_cli_options.py` keeps the two equal.
+`reduce.METHODS`; the defaults `--help` shows are read from `PipelineOptions` itself
+(`eyecare_edge.pipeline.options` loads neither llama.cpp nor OpenCV, so `--help` stays quick).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import MISSING, dataclass, fields, replace
+from typing import Any
 
 import click
 
-from eyecare_edge.formats import DEFAULT_KV_CACHE_TYPE, KV_CACHE_TYPES, VISION_BACKENDS, format_names
+from eyecare_edge.formats import KV_CACHE_TYPES, VISION_BACKENDS, format_names
+from eyecare_edge.pipeline.options import PipelineOptions
 from eyecare_edge.reduce import METHODS
 
-if TYPE_CHECKING:
-    from eyecare_edge.pipeline import PipelineOptions
+# The dataclass defaults the flags show (and leave in place when a flag is not given).
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(PipelineOptions) if f.default is not MISSING}
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -72,7 +72,7 @@ PIPELINE_FLAGS: dict[str, Flag] = _flags(
         ("--vision",),
         "Vision backend; auto takes the fastest that loads and says which.",
         click.Choice(["auto", *VISION_BACKENDS]),
-        "auto",
+        DEFAULTS["vision"],
         True,
     ),
     Flag(
@@ -80,7 +80,7 @@ PIPELINE_FLAGS: dict[str, Flag] = _flags(
         ("--vision-precision",),
         "Vision graph precision (auto: fp16 on GPU, fastest validated INT8 on CPU).",
         click.Choice(["auto", *format_names("vision")]),
-        "auto",
+        DEFAULTS["vision_precision"],
         True,
     ),
     Flag(
@@ -88,7 +88,7 @@ PIPELINE_FLAGS: dict[str, Flag] = _flags(
         ("--llm",),
         f"GGUF precision in the bundle (auto, or one of {', '.join(format_names('llm'))}).",
         None,
-        "auto",
+        DEFAULTS["llm"],
         True,
     ),
     Flag("n_threads", ("--threads",), "llama.cpp threads [physical cores].", click.IntRange(min=1)),
@@ -107,7 +107,7 @@ PIPELINE_FLAGS: dict[str, Flag] = _flags(
         ("--device",),
         "GPU ordinal for TensorRT / ONNX Runtime CUDA.",
         click.IntRange(min=0),
-        0,
+        DEFAULTS["device"],
         True,
     ),
     Flag(
@@ -115,7 +115,7 @@ PIPELINE_FLAGS: dict[str, Flag] = _flags(
         ("--kv-type",),
         "llama.cpp KV cache type (q8_0 needs flash attention).",
         click.Choice(KV_CACHE_TYPES),
-        DEFAULT_KV_CACHE_TYPE,
+        DEFAULTS["kv_type"],
         True,
     ),
     Flag(
@@ -187,8 +187,6 @@ def pipeline_options(values: Mapping[str, Any]) -> PipelineOptions:
     """PipelineOptions from the keyword arguments `runtime_options` added; unset flags (None)
     keep the dataclass's defaults; a bad `--visual-tokens` is a usage error (exit 2). Anything
     else in `values` is a programming error."""
-    from eyecare_edge.pipeline import PipelineOptions
-
     rest = dict(values)
     chosen = {}
     for flag in PIPELINE_FLAGS.values():

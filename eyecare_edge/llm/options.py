@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from eyecare_edge.formats import DEFAULT_KV_CACHE_TYPE
 from eyecare_edge.llm.binding import KV_TYPES, LLMError
 from eyecare_edge.llm.device import resolve_flash_attn, resolve_gpu_layers
 
@@ -39,7 +40,7 @@ class LLMOptions:
     n_threads: int | None = None
     n_threads_batch: int | None = None
     n_gpu_layers: int | None = None
-    kv_type: str = "f16"
+    kv_type: str = DEFAULT_KV_CACHE_TYPE
     flash_attn: bool | None = None
     use_mmap: bool = True
     repack: bool = False

@@ -19,12 +19,42 @@ visual token budget, n_ctx), `image_prefix` (the image prefix in the KV cache an
 `PrefixCache`). Import the public names from here.
 """
 
-from eyecare_edge.llm import LLMError
-from eyecare_edge.pipeline.inputs import ImageInput, ImageSource, decode_source
-from eyecare_edge.pipeline.options import Answer, PipelineOptions
-from eyecare_edge.pipeline.pipeline import Pipeline
-from eyecare_edge.pipeline.plan import choose_llm, default_n_ctx, max_visual_tokens, token_budget
-from eyecare_edge.vision import VisionError
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> the module that defines it. Imported on first use, so that the options
+# dataclass (`eyecare_edge.pipeline.options`) is readable without loading llama.cpp: the CLI's
+# flag table reads its defaults from it on every `--help`.
+_WHERE: dict[str, str] = {
+    "Answer": "eyecare_edge.pipeline.options",
+    "PipelineOptions": "eyecare_edge.pipeline.options",
+    "ImageInput": "eyecare_edge.pipeline.inputs",
+    "ImageSource": "eyecare_edge.pipeline.inputs",
+    "decode_source": "eyecare_edge.pipeline.inputs",
+    "Pipeline": "eyecare_edge.pipeline.pipeline",
+    "choose_llm": "eyecare_edge.pipeline.plan",
+    "default_n_ctx": "eyecare_edge.pipeline.plan",
+    "max_visual_tokens": "eyecare_edge.pipeline.plan",
+    "token_budget": "eyecare_edge.pipeline.plan",
+    "LLMError": "eyecare_edge.llm",
+    "VisionError": "eyecare_edge.vision",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
+
 
 __all__ = [
     "Answer",

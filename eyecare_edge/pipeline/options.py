@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from eyecare_edge.images import DEFAULT_MAX_PIXELS
+from eyecare_edge.formats import DEFAULT_KV_CACHE_TYPE
+from eyecare_edge.image_source import DEFAULT_MAX_PIXELS
 
 
 @dataclass
@@ -42,7 +43,7 @@ class PipelineOptions:
     n_threads: int | None = None
     vision_threads: int | None = None
     n_gpu_layers: int | None = None
-    kv_type: str = "f16"
+    kv_type: str = DEFAULT_KV_CACHE_TYPE
     flash_attn: bool | None = None
     n_batch: int = 512
     repack: bool = False

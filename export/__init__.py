@@ -8,8 +8,7 @@ The names below are imported on first use: `import eyecare_edge.export` alone lo
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from eyecare_edge.lazy import lazy_exports
 
 # public name -> the module that defines it.
 _PUBLIC: dict[str, str] = {
@@ -23,15 +22,4 @@ _PUBLIC: dict[str, str] = {
 __all__ = list(_PUBLIC)
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's module on first use (PEP 562) and keep the name here."""
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'eyecare_edge.export' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC, globals())

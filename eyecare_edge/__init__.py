@@ -16,8 +16,7 @@ Export (needs the `export` extra: torch) is `from eyecare_edge.export import exp
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from eyecare_edge.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -62,15 +61,4 @@ _PUBLIC: dict[str, str] = {
 __all__ = ["__version__", *_PUBLIC]
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's module on first use (PEP 562) and keep the name here."""
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'eyecare_edge' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC, globals())

@@ -21,8 +21,7 @@ visual token budget, n_ctx), `image_prefix` (the image prefix in the KV cache an
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from eyecare_edge.lazy import lazy_exports
 
 # public name -> the module that defines it. Imported on first use, so that the options
 # dataclass (`eyecare_edge.pipeline.options`) is readable without loading llama.cpp: the CLI's
@@ -43,17 +42,7 @@ _WHERE: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_WHERE])
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())
 
 
 __all__ = [

@@ -181,9 +181,7 @@ def _train_threads(recipe: DemoRecipe, threads: int | None) -> int:
 
     from eyecare_edge.llm.device import physical_cores
 
-    if recipe.train_threads or threads:
-        return recipe.train_threads or threads or 1
-    return max(1, physical_cores() - round(_busy_cpus()))
+    return recipe.train_threads or threads or max(1, physical_cores() - round(_busy_cpus()))
 
 
 def _busy_cpus(window_s: float = 0.5) -> float:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
-from eyecare_edge.commands.options import pipeline_options
+from eyecare_edge.commands.options import options, pipeline_options
 from eyecare_edge.errors import EyecareError, ItemsFailed
 
 _RAY_OPTIONS = [
@@ -51,11 +51,8 @@ _RAY_OPTIONS = [
 ]
 
 
-def ray_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the --engine ray options to a command (they arrive as keyword arguments)."""
-    for option in reversed(_RAY_OPTIONS):
-        f = option(f)
-    return f
+# Adds the --engine ray options to a command (they arrive as keyword arguments).
+ray_options = options(*_RAY_OPTIONS)
 
 
 def screen_on_ray(

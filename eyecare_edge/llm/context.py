@@ -225,27 +225,21 @@ class LlamaContext:
             raise LLMError(f"llama_decode failed ({rc}: {reason}) at position {start}")
 
     def eval_ids(self, ids: np.ndarray) -> None:
-        batch = self.tok_batch
-        start = self.n_past
-        n = ids.shape[0]
-        for lo in range(0, n, batch.capacity):
-            hi = min(lo + batch.capacity, n)
-            batch.token[: hi - lo] = ids[lo:hi]
-            batch.prepare(hi - lo, self.n_past, want_logits=hi == n)
-            self.decode(batch, start)
-            self.n_past += hi - lo
-        if n:
-            self.has_logits = True
+        self._feed(self.tok_batch, self.tok_batch.token, ids)
 
     def eval_rows(self, rows: np.ndarray) -> None:
         if self.emb_batch is None:
             self.emb_batch = Batch(self.n_batch, self.n_embd)
-        batch = self.emb_batch
+        self._feed(self.emb_batch, self.emb_batch.embd, rows)
+
+    def _feed(self, batch: Batch, slots: np.ndarray, values: np.ndarray) -> None:
+        """Decode `values` (token ids or embedding rows) through `batch`'s `slots` view, a batch
+        at a time; logits are kept for the last position only."""
         start = self.n_past
-        n = rows.shape[0]
+        n = values.shape[0]
         for lo in range(0, n, batch.capacity):
             hi = min(lo + batch.capacity, n)
-            batch.embd[: hi - lo] = rows[lo:hi]
+            slots[: hi - lo] = values[lo:hi]
             batch.prepare(hi - lo, self.n_past, want_logits=hi == n)
             self.decode(batch, start)
             self.n_past += hi - lo

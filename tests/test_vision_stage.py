@@ -88,8 +88,16 @@ def test_vision_stage_learns_a_visible_label_and_keeps_the_llm(labelled, init_ck
     ev = json.loads((out / "vision_eval.json").read_text())
     assert set(ev["labels"]) == {"colour", "side"}
     for v in ev["labels"].values():
-        assert set(v) == {"accuracy", "chance", "n"} and v["n"] in (11, 12) and 0 <= v["chance"] <= 1
+        assert set(v) == {"accuracy", "chance", "n", "token_probe_accuracy"}
+        assert v["n"] in (11, 12) and 0 <= v["chance"] <= 1
     assert ev["labels"]["colour"]["accuracy"] >= 0.9  # a random tower cannot do this
+    # the per-token probes read the visible label from single tokens too, and are kept for align
+    assert ev["labels"]["colour"]["token_probe_accuracy"] >= 0.9
+    from eyecare_edge.training.label_probes import load_probes
+
+    probes = load_probes(out)
+    assert probes is not None and probes.labels == ev["classes"]
+    assert probes.weight.shape[0] == sum(len(c) for c in ev["classes"].values()) == probes.bias.shape[0]
 
     from eyecare_edge.training.checkpoint import load_checkpoint
 
@@ -110,3 +118,34 @@ def test_vision_stage_bad_options(init_ckpt, labelled, tmp_path):
     empty.write_text("path\nimg/0.png\n")
     res = CliRunner().invoke(main, [*base, "--data", str(empty)])
     assert res.exit_code == 1 and "no label columns" in res.output
+
+
+def test_connector_init_points_units_at_the_label_probes(init_ckpt):
+    """The first R hidden units become the probes' standardised logits; the rest stay random;
+    the output lands on the text embeddings' norm; probes of another width are refused."""
+    from eyecare_edge.training.checkpoint import load_checkpoint
+    from eyecare_edge.training.connector_init import init_connector_from_data
+    from eyecare_edge.training.label_probes import SavedProbes
+
+    model, _ = load_checkpoint(init_ckpt)
+    conn = model.connector
+    tiles = torch.randn(4, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    width = conn.mm_projector[0].in_features
+    g = torch.Generator().manual_seed(1)
+    probes = SavedProbes(torch.randn(6, width, generator=g), torch.randn(6, generator=g), {"a": ["x", "y"]})
+    with torch.no_grad():
+        x = conn.channels(model.vision_tower(tiles)).reshape(-1, width)
+    figures = init_connector_from_data(model, tiles, probes)
+    assert figures["probe_units"] == 6
+    with torch.no_grad():
+        pre = conn.mm_projector[0](x)
+        logits = x @ probes.weight.T + probes.bias
+        out = conn.mm_projector(x)
+    z = (logits - logits.mean(0)) / logits.std(0)
+    torch.testing.assert_close(pre[:, :6], z, atol=1e-3, rtol=1e-3)
+    assert torch.allclose(pre.mean(0), torch.zeros(pre.shape[1]), atol=1e-4)
+    emb_norm = model.get_input_embeddings().weight.norm(dim=-1).mean()
+    assert float(out.norm(dim=-1).mean()) == pytest.approx(float(emb_norm), rel=1e-3)
+    wrong = SavedProbes(torch.randn(2, width + 1), torch.zeros(2), {"a": ["x", "y"]})
+    with pytest.raises(ValueError, match="probes from another tower"):
+        init_connector_from_data(model, tiles, wrong)

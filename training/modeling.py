@@ -73,12 +73,16 @@ class DenseConnector(nn.Module):
             nn.Linear(d, d),
         )
 
-    def forward(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+    def channels(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The projector's input per token: [h[last], mean(h[fine]), mean(h[coarse])]."""
         feats = [hidden_states[self.last]]
         for group in (self.fine, self.coarse):
             if group:
                 feats.append(torch.stack([hidden_states[i] for i in group], dim=0).mean(dim=0))
-        x = torch.cat(feats, dim=-1)
+        return torch.cat(feats, dim=-1)
+
+    def forward(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = self.channels(hidden_states)
         return self.mm_projector(x.to(self.mm_projector[0].weight.dtype))
 
 

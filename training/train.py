@@ -253,12 +253,15 @@ def run_training(opts: TrainOptions, *, progress: bool = True) -> TrainResult:
             log.info("distributed: %d processes, backend %s", args.world_size, backend)
 
     if opts.connector_init:
-        from eyecare_edge.training.vision_stage import init_connector_from_data
+        from eyecare_edge.training.connector_init import init_connector_from_data
+        from eyecare_edge.training.label_probes import load_probes
 
         tiles = [dataset.build(i)["pixel_values"] for i in range(min(32, len(dataset)))]
-        figures = init_connector_from_data(model, torch.cat(tiles))
+        probes = load_probes(opts.init)
+        figures = init_connector_from_data(model, torch.cat(tiles), probes)
         if is_main:
-            log.info("connector init from %d samples' tiles: %s", len(tiles), figures)
+            source = f"the label probes of {opts.init}" if probes is not None else "no label probes"
+            log.info("connector init from %d samples' tiles and %s: %s", len(tiles), source, figures)
 
     if any(not c.images for c in dataset.items):
         # A text-only batch leaves the connector without gradients: let DDP look for that.

@@ -72,7 +72,7 @@ class TrainOptions:
     labels: list[str] | None = None
     eval_fraction: float = 0.15
     patch_init: bool = False  # PCA init of a random tower's patch embedding (vision_stage)
-    connector_init: bool = False  # align: data-dependent connector init (vision_stage.init_connector_from_data)
+    connector_init: bool = False  # align: data-dependent connector init (training.connector_init)
 
     def __post_init__(self) -> None:
         if self.stage not in ALL_STAGES:
@@ -156,7 +156,6 @@ def resolve_options(config_file: str | os.PathLike[str] | None = None, **given: 
 @dataclass
 class TrainResult:
     """What one training run did (every stage returns it; `train --json` prints it)."""
-
 
     out: str
     stage: str

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from eyecare_edge.training.checkpoint import load_checkpoint, save_checkpoint
+from eyecare_edge.training.label_probes import PROBES_FILE, TokenProbes, save_probes
 from eyecare_edge.training.labels import (
     LabelSkips,
     class_vocab,
@@ -65,13 +66,11 @@ def pooled_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """[T, 3, S, S] -> [T, 2F]: the connector's input channels, mean and max over the tile's tokens.
 
     The max lets a head see one small lesion that a mean over 64 tokens dilutes."""
-    states = model.vision_tower(pixel_values)
-    conn = model.connector
-    feats = [states[conn.last]]
-    for group in (conn.fine, conn.coarse):
-        if group:
-            feats.append(torch.stack([states[i] for i in group], dim=0).mean(dim=0))
-    x = torch.cat(feats, dim=-1)
+    return pool_tokens(model.connector.channels(model.vision_tower(pixel_values)))
+
+
+def pool_tokens(x: torch.Tensor) -> torch.Tensor:
+    """[T, n, F] connector channels -> [T, 2F]: mean and max over each tile's tokens."""
     return torch.cat([x.mean(dim=1), x.amax(dim=1)], dim=-1)
 
 
@@ -175,32 +174,50 @@ def init_patch_embedding_pca(model, tiles: torch.Tensor, seed: int = 0, max_patc
 
 
 @torch.no_grad()
-def evaluate_heads(model, heads: LabelHeads, images: _Images, batch: int = 64) -> list[torch.Tensor]:
-    """Predicted class index per row and label column: [n_rows] per head."""
+def evaluate_heads(
+    model, heads: LabelHeads, probes: TokenProbes, images: _Images, batch: int = 64
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Predicted class index per row and label column, [n_rows] per label: from the pooled heads
+    and from the per-token probes."""
     model.eval()
     heads.eval()
     preds: list[list[torch.Tensor]] = [[] for _ in heads.names]
+    probe_preds: list[list[torch.Tensor]] = [[] for _ in heads.names]
     n = len(images.starts)
     for s in range(0, n, batch):
         idx = list(range(s, min(n, s + batch)))
         pix, owner, _ = _batch(images, idx)
-        logits = heads(_per_image(pooled_features(model, pix), owner, len(idx)))
+        tokens = model.connector.channels(model.vision_tower(pix))
+        logits = heads(_per_image(pool_tokens(tokens), owner, len(idx)))
         for k, lg in enumerate(logits):
             preds[k].append(lg.argmax(dim=-1))
-    return [torch.cat(p) for p in preds]
+        for k, p in enumerate(probes.predict(tokens, owner, len(idx))):
+            probe_preds[k].append(p)
+    return [torch.cat(p) for p in preds], [torch.cat(p) for p in probe_preds]
 
 
-def eval_report(heads: LabelHeads, preds: list[torch.Tensor], images: _Images) -> dict[str, dict[str, Any]]:
-    """{label: {accuracy, chance, n}}; chance = held-out share of the most frequent held-out class
-    (the best any constant answer could score on this split)."""
+def _accuracy(pred: torch.Tensor, t: torch.Tensor) -> float:
+    known = t != -100
+    return float((pred[known] == t[known]).float().mean()) if bool(known.any()) else float("nan")
+
+
+def eval_report(
+    heads: LabelHeads,
+    preds: list[torch.Tensor],
+    images: _Images,
+    probe_preds: list[torch.Tensor] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """{label: {accuracy, chance, n[, token_probe_accuracy]}}; chance = held-out share of the most
+    frequent held-out class (the best any constant answer could score on this split)."""
     out: dict[str, dict[str, Any]] = {}
     for k, name in enumerate(heads.names):
         t = images.targets[:, k]
         known = t != -100
         n = int(known.sum())
-        acc = float((preds[k][known] == t[known]).float().mean()) if n else float("nan")
         chance = Counter(t[known].tolist()).most_common(1)[0][1] / n if n else float("nan")
-        out[name] = {"accuracy": round(acc, 4), "chance": round(chance, 4), "n": n}
+        out[name] = {"accuracy": round(_accuracy(preds[k], t), 4), "chance": round(chance, 4), "n": n}
+        if probe_preds is not None:
+            out[name]["token_probe_accuracy"] = round(_accuracy(probe_preds[k], t), 4)
     return out
 
 
@@ -254,8 +271,13 @@ def run_vision_stage(opts, *, progress: bool = True):
     with torch.no_grad():
         width = pooled_features(model, train_imgs.tiles[:1]).shape[1]
     heads = LabelHeads(width, vocab)
+    probes = TokenProbes(width // 2, vocab)
     params = [p for p in model.vision_tower.parameters()] + list(heads.parameters())
-    optim = torch.optim.AdamW(params, lr=opts.learning_rate, weight_decay=opts.weight_decay)
+    optim = torch.optim.AdamW(
+        [{"params": params}, {"params": list(probes.parameters())}],
+        lr=opts.learning_rate,
+        weight_decay=opts.weight_decay,
+    )
     n_train = len(train_rows)
     steps = opts.max_steps or max(1, math.ceil((opts.epochs or 1.0) * n_train / opts.batch_size))
     warm = int(opts.warmup * steps) if opts.warmup < 1 else int(opts.warmup)
@@ -281,12 +303,14 @@ def run_vision_stage(opts, *, progress: bool = True):
         pix, owner, targets = _batch(train_imgs, idx)
         model.vision_tower.train()
         heads.train()
-        logits = heads(_per_image(pooled_features(model, _augment(pix, gen)), owner, len(idx)))
+        tokens = model.connector.channels(model.vision_tower(_augment(pix, gen)))
+        logits = heads(_per_image(pool_tokens(tokens), owner, len(idx)))
         loss = sum(
             ce(lg, targets[:, k]) for k, lg in enumerate(logits) if bool((targets[:, k] != -100).any())
         )
+        probe_loss = probes.loss(tokens.detach(), owner, targets)  # the tower does not see it
         optim.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + probe_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
         seen += len(idx)
@@ -297,13 +321,17 @@ def run_vision_stage(opts, *, progress: bool = True):
 
     report: dict[str, Any] = {"labels": {}, "classes": vocab, "n_train": n_train, "n_eval": len(eval_rows)}
     if eval_imgs is not None:
-        preds = evaluate_heads(model, heads, eval_imgs)
-        report["labels"] = eval_report(heads, preds, eval_imgs)
-    report["objective"] = "one linear head per label column on pooled connector features (heads dropped)"
+        preds, probe_preds = evaluate_heads(model, heads, probes, eval_imgs)
+        report["labels"] = eval_report(heads, preds, eval_imgs, probe_preds)
+    report["objective"] = (
+        "one linear head per label column on pooled connector features (heads dropped); "
+        f"per-token label probes kept in {PROBES_FILE} for the connector init"
+    )
     report["split"] = {"eval_fraction": opts.eval_fraction, "seed": opts.seed}
 
     model.eval()
     save_checkpoint(model, tokenizer, out)
+    save_probes(probes, out)
     (out / "vision_eval.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     reasons = skips.by_reason()
     result = TrainResult(
@@ -322,31 +350,3 @@ def run_vision_stage(opts, *, progress: bool = True):
     )
     (out / "train_result.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     return result
-
-
-@torch.no_grad()
-def init_connector_from_data(model, pixel_values: torch.Tensor) -> dict[str, float]:
-    """Data-dependent init of the connector before `align` (after a vision stage changed the tower):
-    the projector's first layer gives centred, unit-variance pre-activations on these tiles, and
-    its output is scaled to the RMS norm of the LLM's text embeddings, so the LLM meets visual
-    tokens on the scale of the words it knows. Measured in issue 3's session: "which eye" through
-    a frozen random LLM, 200 steps, 52% without this init, 88% with it."""
-    conn = model.connector
-    states = model.vision_tower(pixel_values)
-    feats = [states[conn.last]]
-    for group in (conn.fine, conn.coarse):
-        if group:
-            feats.append(torch.stack([states[i] for i in group], dim=0).mean(dim=0))
-    x = torch.cat(feats, dim=-1).reshape(-1, conn.mm_projector[0].in_features)
-    first, last = conn.mm_projector[0], conn.mm_projector[2]
-    pre = first(x)
-    mean, std = pre.mean(0), pre.std(0).clamp(min=1e-6)
-    first.weight.div_(std[:, None])
-    first.bias.copy_((first.bias - mean) / std)
-    out = conn.mm_projector(x)
-    emb = model.get_input_embeddings().weight
-    target = emb.norm(dim=-1).mean()
-    scale = target / out.norm(dim=-1).mean().clamp(min=1e-6)
-    last.weight.mul_(scale)
-    last.bias.mul_(scale)
-    return {"text_embedding_norm": float(target), "output_scale": float(scale)}

@@ -32,6 +32,7 @@ from eyecare_edge.pipeline import (
     default_n_ctx,
     max_visual_tokens,
 )
+from eyecare_edge.pipeline.plan import TEXT_ROOM
 from eyecare_edge.preprocess import PreprocessConfig, grid_pinpoints, plan_image
 from eyecare_edge.qa.loaders import load_bench
 
@@ -478,13 +479,13 @@ def test_default_n_ctx_caps_at_trained_context_and_phi3(assets):
     manifest = read_manifest(assets.bundle)
     pre = manifest.preprocess_config()
     n = default_n_ctx(manifest, pre)
-    assert n % 256 == 0 and n >= max_visual_tokens(pre) + 1024
+    assert n % 256 == 0 and n >= max_visual_tokens(pre) + TEXT_ROOM
     big = PreprocessConfig()  # 384-px tiles, anyres_max_4: ~3.7k tokens per image
     manifest.model.update(llm_arch="phi3", context_length=131072)
     assert default_n_ctx(manifest, big) == 4096
     manifest.model.update(llm_arch="qwen2", context_length=32768)
-    # 729 global + 3529 cells (compression starts above 1.21 x 4 x 729) + 81 newlines + 1024, to 256
-    assert default_n_ctx(manifest, big) == 5376
+    # 729 global + 3529 cells (compression starts above 1.21 x 4 x 729) + 81 newlines + 512, to 256
+    assert TEXT_ROOM == 512 and default_n_ctx(manifest, big) == 4864
     manifest.model.update(context_length=2048)
     assert default_n_ctx(manifest, big) == 2048
 

@@ -10,8 +10,12 @@ from eyecare_edge.reduce import TokenBudget, max_kept_tokens, parse_visual_token
 # `llm="auto"`: the first of these the bundle holds (and export did not fail): Q4_K_M is the
 # accuracy/speed point for CPUs and Jetsons (ANCHORS: ~1 benchmark point), then bigger files.
 LLM_AUTO_ORDER = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0", "f16", "bf16", "f32")
-# Positions kept free for the question and the answer when `n_ctx` is derived from the plan.
-TEXT_ROOM = 1024
+# Positions kept free for the question and the answer when `n_ctx` is derived from the plan:
+# the prompt's text (~100 tokens with a system prompt) and `ask`'s default 256 answer tokens, with
+# room to spare. Every position costs KV memory (Phi-3.5, F16: 384 KiB, i.e. 192 MB for these 512
+# at full depth), so it is not larger; a longer answer stops with "context_full", and `n_ctx=`
+# (`--n-ctx`) gives more room.
+TEXT_ROOM = 512
 # Phi-3.5's LongRoPE switches factors at 4096 in HF but by allocated context in llama.cpp.
 PHI3_MAX_CTX = 4096
 

@@ -181,7 +181,10 @@ SIMILARITY_STEP = 1.0 / 1024
 
 
 def _coarse(sims: np.ndarray) -> np.ndarray:
-    return np.round(sims * np.float32(1 / SIMILARITY_STEP)).astype(np.float32)
+    """`sims` rounded to SIMILARITY_STEP (in units of the step), in place: at 3.6k tokens the
+    matrix is 54 MB, and a rounded copy of it raised peak memory by ~200 MB (perf)."""
+    sims *= np.float32(1 / SIMILARITY_STEP)
+    return np.round(sims, out=sims)
 
 
 def diverse_order(tokens: np.ndarray, count: int) -> np.ndarray:
@@ -194,8 +197,8 @@ def diverse_order(tokens: np.ndarray, count: int) -> np.ndarray:
     token (~3x slower at a 20% budget)."""
     n = tokens.shape[0]
     count = min(count, n)
-    x = np.ascontiguousarray(tokens, dtype=np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
+    x = np.array(tokens, dtype=np.float32, order="C")  # a copy, normalised in place
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
     first = int(np.argmin(_coarse(x @ x.mean(axis=0))))  # least like the image's average token
     sims = _coarse(x @ x.T)
     chosen = np.empty(count, dtype=np.int64)

@@ -136,7 +136,9 @@ def test_greedy_answers_equal_torch_f32(f32_pipe, records, torch_answers):
     )
     assert agree >= 0.98
     # the model is trained enough to say different things about different images and questions
-    assert len(set(torch_answers)) >= 15
+    # (an untrained one gives 1-2; the fixture gave 15 before its connector started on the label
+    # probes' directions and 13 after: closed answers became letters more often)
+    assert len(set(torch_answers)) >= 12
 
 
 def test_quantized_variants_against_torch(assets, records, torch_answers):

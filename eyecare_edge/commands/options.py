@@ -17,6 +17,7 @@ import click
 
 from eyecare_edge.formats import KV_CACHE_TYPES, VISION_BACKENDS, format_names
 from eyecare_edge.pipeline.options import PipelineOptions
+from eyecare_edge.pipeline.plan import TEXT_ROOM
 from eyecare_edge.reduce import METHODS
 
 # The dataclass defaults the flags show (and leave in place when a flag is not given).
@@ -95,7 +96,12 @@ PIPELINE_FLAGS: dict[str, Flag] = _flags(
     Flag(
         "vision_threads", ("--vision-threads",), "Vision CPU threads [physical cores].", click.IntRange(min=1)
     ),
-    Flag("n_ctx", ("--n-ctx",), "Context size [largest image plan + 1024].", click.IntRange(min=256)),
+    Flag(
+        "n_ctx",
+        ("--n-ctx",),
+        f"Context size [largest budgeted image + {TEXT_ROOM}, to a multiple of 256].",
+        click.IntRange(min=256),
+    ),
     Flag(
         "n_gpu_layers",
         ("--gpu-layers",),

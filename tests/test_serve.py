@@ -166,6 +166,8 @@ def server(assets, media_dir, tmp_path_factory):
         "--workers", "2", "--queue", "3", "--api-key", KEY, "--allowed-media-dir", str(media_dir),
         "--max-body-mb", "1", "--body-timeout", str(BODY_TIMEOUT_S), "--model-id", MODEL, "--llm", "f32", "--vision-precision", "fp32",
         "--threads", "1", "--vision-threads", "1", "--log-level", "warning",
+        # room for the 1000-token answers some tests ask for (the default keeps 512 text positions)
+        "--n-ctx", "2048",
     )  # fmt: skip
     yield srv
     srv.proc.terminate()

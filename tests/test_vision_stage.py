@@ -144,7 +144,7 @@ def test_connector_init_points_units_at_the_label_probes(init_ckpt):
     z = (logits - logits.mean(0)) / logits.std(0)
     torch.testing.assert_close(pre[:, :6], z, atol=1e-3, rtol=1e-3)
     assert torch.allclose(pre.mean(0), torch.zeros(pre.shape[1]), atol=1e-4)
-    emb_norm = model.get_input_embeddings().weight.norm(dim=-1).mean()
+    emb_norm = model.get_input_embeddings().weight.detach().norm(dim=-1).mean()
     assert float(out.norm(dim=-1).mean()) == pytest.approx(float(emb_norm), rel=1e-3)
     wrong = SavedProbes(torch.randn(2, width + 1), torch.zeros(2), {"a": ["x", "y"]})
     with pytest.raises(ValueError, match="probes from another tower"):

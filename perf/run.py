@@ -148,18 +148,18 @@ def run_perf(opts: PerfOptions, progress: Callable[[str], None] = lambda m: None
 
     # eyecare-edge default, end to end (also the source of the visual rows)
     t = time.perf_counter()
+    pipeline_args = {
+        "bundle": str(bundle),
+        "image": str(image),
+        "question": opts.question,
+        "n_decode": opts.n_decode,
+        "options": {"n_threads": opts.threads, "vision_threads": opts.threads},
+        "time_box_s": box,
+    }
     state.pipeline = runner.child(
         "eyecare-edge default",
         "eyecare_edge.perf.runtime:measure_pipeline",
-        {
-            "bundle": str(bundle),
-            "image": str(image),
-            "question": opts.question,
-            "n_decode": opts.n_decode,
-            "options": {"n_threads": opts.threads, "vision_threads": opts.threads},
-            "save_visual": str(visual_npy),
-            "time_box_s": box,
-        },
+        {**pipeline_args, "save_visual": str(visual_npy)},
     )
     runner.stage("pipeline", t)
     if opts.proposed:
@@ -168,12 +168,8 @@ def run_perf(opts: PerfOptions, progress: Callable[[str], None] = lambda m: None
             "eyecare-edge proposed",
             "eyecare_edge.perf.runtime:measure_pipeline",
             {
-                "bundle": str(bundle),
-                "image": str(image),
-                "question": opts.question,
-                "n_decode": opts.n_decode,
-                "options": {"n_threads": opts.threads, "vision_threads": opts.threads, **PROPOSED["options"]},
-                "time_box_s": box,
+                **pipeline_args,
+                "options": {**pipeline_args["options"], **PROPOSED["options"]},
                 "vision_chunk": PROPOSED["vision_chunk"],
             },
             env=PROPOSED["env"],

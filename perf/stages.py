@@ -148,24 +148,25 @@ def measure_llm_variants(runner, opts, bundle, manifest, visual_npy, llm_shape, 
                 {"system": name, "precision": q, "skipped": "no visual rows (the default run failed)"}
             )
             continue
-        rows.append(
-            runner.child(
-                name,
-                "eyecare_edge.perf.runtime:measure_llm",
-                {
-                    "bundle": str(bundle),
-                    "precision": q,
-                    "visual_npy": str(visual_npy),
-                    "shape": asdict(llm_shape),
-                    "question": opts.question,
-                    "n_decode": opts.n_decode,
-                    "options": _llm_options(opts, default),
-                    "max_prompt": _max_prompt(llm_shape, default, box),
-                    "time_box_s": box,
-                },
-            )
-        )
+        args = _llm_args(opts, bundle, q, visual_npy, llm_shape, box, _llm_options(opts, default))
+        args["max_prompt"] = _max_prompt(llm_shape, default, box)
+        rows.append(runner.child(name, "eyecare_edge.perf.runtime:measure_llm", args))
     return rows
+
+
+def _llm_args(opts: PerfOptions, bundle, q: str, visual_npy, llm_shape, box: float, options: dict) -> dict:
+    """`measure_llm`'s keyword arguments for GGUF `q` on the default run's visual rows."""
+    return {
+        "bundle": str(bundle),
+        "precision": q,
+        "visual_npy": str(visual_npy),
+        "shape": asdict(llm_shape),
+        "question": opts.question,
+        "n_decode": opts.n_decode,
+        "options": options,
+        "max_prompt": None,
+        "time_box_s": box,
+    }
 
 
 def _llm_options(opts: PerfOptions, default: dict, **changes) -> dict:
@@ -275,22 +276,9 @@ def measure_sweep(runner, opts, bundle, manifest, visual_npy, llm_shape, box) ->
         return [{"skipped": "no visual rows (the default run failed)"}]
     rows = []
     for label, (change, env) in SWEEP.items():
-        row = runner.child(
-            f"sweep {label}",
-            "eyecare_edge.perf.runtime:measure_llm",
-            {
-                "bundle": str(bundle),
-                "precision": q,
-                "visual_npy": str(visual_npy),
-                "shape": asdict(llm_shape),
-                "question": opts.question,
-                "n_decode": min(opts.n_decode, 32),
-                "options": _llm_options(opts, default, **change),
-                "max_prompt": None,
-                "time_box_s": box,
-            },
-            env=env,
-        )
+        args = _llm_args(opts, bundle, q, visual_npy, llm_shape, box, _llm_options(opts, default, **change))
+        args["n_decode"] = min(opts.n_decode, 32)
+        row = runner.child(f"sweep {label}", "eyecare_edge.perf.runtime:measure_llm", args, env=env)
         row["setting"] = label
         row["env"] = env
         rows.append(row)

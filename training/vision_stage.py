@@ -62,15 +62,9 @@ class _Images:
     targets: torch.Tensor  # long [n_rows, n_labels], -100 = unknown
 
 
-def pooled_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """[T, 3, S, S] -> [T, 2F]: the connector's input channels, mean and max over the tile's tokens.
-
-    The max lets a head see one small lesion that a mean over 64 tokens dilutes."""
-    return pool_tokens(model.connector.channels(model.vision_tower(pixel_values)))
-
-
 def pool_tokens(x: torch.Tensor) -> torch.Tensor:
-    """[T, n, F] connector channels -> [T, 2F]: mean and max over each tile's tokens."""
+    """[T, n, F] connector channels (`DenseConnector.channels`) -> [T, 2F]: mean and max over each
+    tile's tokens. The max lets a head see one small lesion that a mean over 64 tokens dilutes."""
     return torch.cat([x.mean(dim=1), x.amax(dim=1)], dim=-1)
 
 
@@ -205,9 +199,9 @@ def eval_report(
     heads: LabelHeads,
     preds: list[torch.Tensor],
     images: _Images,
-    probe_preds: list[torch.Tensor] | None = None,
+    probe_preds: list[torch.Tensor],
 ) -> dict[str, dict[str, Any]]:
-    """{label: {accuracy, chance, n[, token_probe_accuracy]}}; chance = held-out share of the most
+    """{label: {accuracy, chance, n, token_probe_accuracy}}; chance = held-out share of the most
     frequent held-out class (the best any constant answer could score on this split)."""
     out: dict[str, dict[str, Any]] = {}
     for k, name in enumerate(heads.names):
@@ -215,9 +209,12 @@ def eval_report(
         known = t != -100
         n = int(known.sum())
         chance = Counter(t[known].tolist()).most_common(1)[0][1] / n if n else float("nan")
-        out[name] = {"accuracy": round(_accuracy(preds[k], t), 4), "chance": round(chance, 4), "n": n}
-        if probe_preds is not None:
-            out[name]["token_probe_accuracy"] = round(_accuracy(probe_preds[k], t), 4)
+        out[name] = {
+            "accuracy": round(_accuracy(preds[k], t), 4),
+            "chance": round(chance, 4),
+            "n": n,
+            "token_probe_accuracy": round(_accuracy(probe_preds[k], t), 4),
+        }
     return out
 
 
@@ -268,10 +265,9 @@ def run_vision_stage(opts, *, progress: bool = True):
     model.requires_grad_(False)
     model.vision_tower.requires_grad_(True)
     model.vision_tower.train()
-    with torch.no_grad():
-        width = pooled_features(model, train_imgs.tiles[:1]).shape[1]
-    heads = LabelHeads(width, vocab)
-    probes = TokenProbes(width // 2, vocab)
+    channels = model.connector.mm_projector[0].in_features
+    heads = LabelHeads(2 * channels, vocab)
+    probes = TokenProbes(channels, vocab)
     params = [p for p in model.vision_tower.parameters()] + list(heads.parameters())
     optim = torch.optim.AdamW(
         [{"params": params}, {"params": list(probes.parameters())}],

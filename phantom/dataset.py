@@ -269,7 +269,7 @@ def make_phantom_dataset(
                 for k, item in enumerate(group):
                     prefix = IMAGE_PLACEHOLDER + "\n" if k == 0 else ""
                     turns.append({"from": "human", "value": prefix + human_text(item)})
-                    turns.append({"from": "gpt", "value": item.answer})
+                    turns.append({"from": "gpt", "value": item.reply})
                     asked.append({"id": sample_id, "task": item.task, "kind": item.kind})
                 train.append(
                     {

@@ -51,6 +51,24 @@ class QAItem:
     def answer_text(self) -> str:
         return self.options[self.answer] if self.options else self.answer
 
+    @property
+    def reply(self) -> str:
+        """The assistant turn in training data: a closed answer leads with its letter and then
+        names the option ("B. Left eye (OS)"); `parse_choice` reads the letter.
+
+        Why the text too: the eye and disc-side questions map one image fact to opposite letters
+        (fixed option orders: a right eye has its disc on the right, "A" for one and "B" for the
+        other), so with letter-only replies neither the fact nor the question type predicts the
+        letter alone, and a random 4-layer LLM stayed at chance on both (an XOR it had no gradient
+        into). The option text after the letter depends on the question type by itself, which
+        makes the LLM carry the question type to the answer position, and the fact then pays.
+        Measured on the demo's trained tower, eye/disc questions only, one per sample, 120 sft
+        steps: letters only eye 47% / disc 53%; with the text 82% / 88% (issue 13 note).
+        """
+        if self.task == "closed" and self.options:
+            return f"{self.answer}. {self.answer_text}"
+        return self.answer
+
 
 YES, NO = "Yes", "No"
 MODALITY_NAMES = {

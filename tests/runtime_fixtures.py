@@ -6,9 +6,9 @@ Why trained: a random tiny model repeats one word, and near-tied logits make gre
 coin toss; and parity of a model that answers at chance says nothing (issue 13). So the fixture
 follows the demo's recipe, shrunk: `vision` (tower + per-label heads on the phantom's image labels,
 PCA patch init) teaches the tower to see (modality is read at 100% after it), then `sft` on closed
-QA (answered with option letters), reports and open answers gives long, image-dependent text
-and letters that depend on the image. test_pipeline checks the closed letters: reference accuracy
-above chance on the question types the tower learned, FP32 + F32 the same option on >= 98%,
+QA (answered "B. Left eye (OS)": the letter, then its option), reports and open answers gives long,
+image-dependent text and letters that depend on the image. test_pipeline checks the closed
+letters: reference accuracy above chance on the question types the tower learned, FP32 + F32 the same option on >= 98%,
 INT8 + Q4_K_M within 2 points. Why small: the phantom images are downscaled to 160 px and the
 model has 2 LLM / 2 vision layers with the `minimal` token budget, so training takes well under
 a minute on two busy cores.

@@ -171,7 +171,8 @@ def test_train_samples_are_llava_conversations_formatted_like_the_bench(data):
             if text.endswith(CLOSED_QA_INSTRUCTION):
                 question, options = _parse_closed(text)
                 assert text == format_closed_question(question, options)  # same function as the bench
-                assert gpt["value"] in options
+                letter, _, text = gpt["value"].partition(". ")
+                assert letter in options and text == options[letter]  # "B. Left eye (OS)"
             elif text == REPORT_PROMPT:
                 assert gpt["value"].startswith(SECTIONS[0])
     tasks = Counter(s["id"].rsplit("-", 1)[1] for s in data["train"])
@@ -278,7 +279,8 @@ def test_closed_answers_point_to_the_option_that_matches_the_truth(data):
         assert len(kinds) == len(turns) // 2
         for kind, human, gpt in zip(kinds, turns[::2], turns[1::2], strict=True):
             _, options = _parse_closed(human["value"].removeprefix(IMAGE_PLACEHOLDER + "\n"))
-            assert options[gpt["value"]] == _expected_answer(kind, rec)
+            letter, _, text = gpt["value"].partition(". ")
+            assert options[letter] == text == _expected_answer(kind, rec)
             checked[kind] += 1
     assert {"modality", "eye", "disc_side", "oct_diagnosis"} <= set(checked)
 

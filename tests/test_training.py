@@ -175,6 +175,27 @@ def test_align_trains_only_the_connector(ckpt, squares, tmp_path):
             assert same, k
 
 
+def test_each_part_trains_at_its_own_learning_rate(ckpt, squares, tmp_path):
+    """sft with the tower unfrozen: a part given rate 0 ends bit-identical, the others move."""
+    before = _state(ckpt)
+
+    def moved(out: Path, **kw) -> dict[str, bool]:
+        run_training(_opts(ckpt, squares, out, max_steps=2, **kw), progress=False)
+        after = _state(out)
+        parts = {"vision_tower.": "vision", "connector.": "connector", "language_model.": "llm"}
+        return {
+            part: any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix))
+            for prefix, part in parts.items()
+        }
+
+    assert moved(tmp_path / "frozen-tower", vision_lr=0.0) == {"vision": False, "connector": True, "llm": True}
+    assert moved(tmp_path / "frozen-conn", connector_lr=0.0, vision_lr=1e-3) == {
+        "vision": True,
+        "connector": False,
+        "llm": True,
+    }
+
+
 def test_resume_continues_from_the_saved_step(ckpt, squares, tmp_path):
     out = tmp_path / "resume"
     first = run_training(_opts(ckpt, squares, out, max_steps=4, save_steps=2), progress=False)

@@ -98,10 +98,17 @@ class EyecareTrainer(Trainer):
     """HF Trainer that pops our bookkeeping keys, counts samples and skips, and can give the
     connector its own learning rate (LLaVA's `mm_projector_lr`)."""
 
-    def __init__(self, *args: Any, skips: SkipLog, connector_lr: float | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        skips: SkipLog,
+        connector_lr: float | None = None,
+        vision_lr: float | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.skips = skips
-        self.connector_lr = connector_lr
+        self.part_lrs = {"connector": connector_lr, "vision": vision_lr}
         self.samples_seen = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -138,25 +145,35 @@ class EyecareTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
+        """One parameter group per (part, weight decay) when the connector or the tower has its
+        own learning rate; the LLM (and any part without one) takes `learning_rate`."""
         opt_model = self.model if model is None else model
-        if self.optimizer is None and self.connector_lr is not None:
+        if self.optimizer is None and any(lr is not None for lr in self.part_lrs.values()):
             decay = set(self.get_decay_parameter_names(opt_model))
-            groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+            groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
             for name, p in opt_model.named_parameters():
                 if p.requires_grad:
-                    conn = name.startswith(("connector.", "image_newline")) or ".connector." in name
-                    groups.setdefault((conn, name in decay), []).append(p)
+                    groups.setdefault((_part(name), name in decay), []).append(p)
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             param_groups = [
                 {
                     "params": ps,
                     "weight_decay": self.args.weight_decay if dec else 0.0,
-                    "lr": self.connector_lr if conn else self.args.learning_rate,
+                    "lr": self.args.learning_rate if self.part_lrs.get(part) is None else self.part_lrs[part],
                 }
-                for (conn, dec), ps in groups.items()
+                for (part, dec), ps in groups.items()
             ]
             self.optimizer = cls(param_groups, **kwargs)
         return super().create_optimizer(model)
+
+
+def _part(name: str) -> str:
+    """Which part of EyecareGPT a parameter belongs to (DDP/DeepSpeed may prefix the names)."""
+    if name.startswith(("connector.", "image_newline")) or ".connector." in name or ".image_newline" in name:
+        return "connector"
+    if name.startswith("vision_tower.") or ".vision_tower." in name:
+        return "vision"
+    return "llm"
 
 
 class _LogLastStep(TrainerCallback):
@@ -275,6 +292,7 @@ def run_training(opts: TrainOptions, *, progress: bool = True) -> TrainResult:
         processing_class=tokenizer,
         skips=dataset.skips,
         connector_lr=opts.connector_lr,
+        vision_lr=opts.vision_lr,
         callbacks=[_LogLastStep()],
     )
     trainer.train(resume_from_checkpoint=resume_from)

@@ -41,6 +41,9 @@ class TrainOptions:
     epochs: float | None = None  # neither max_steps nor epochs: 1 epoch
     lr: float | None = None  # None: DEFAULT_LR for the stage
     connector_lr: float | None = None  # None: lr
+    # The tower's own rate when align/sft train it (`train_vision`; LLaVA-NeXT's
+    # mm_vision_tower_lr); None: lr.
+    vision_lr: float | None = None
     batch_size: int | None = None  # None: 4 for align/sft, 16 for vision (a step is one tower pass)
     grad_accum: int = 1
     lora_r: int | None = None

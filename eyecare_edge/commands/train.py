@@ -57,6 +57,7 @@ STAGES = ["vision", "align", "sft"]
 @click.option("--epochs", type=click.FloatRange(0, min_open=True), help="Passes over the data (default 1).")
 @click.option("--lr", type=float, help="Peak learning rate [align 1e-3; sft 2e-5, LoRA 2e-4].")
 @click.option("--connector-lr", type=float, help="Separate learning rate for the connector.")
+@click.option("--vision-lr", type=float, help="Separate learning rate for the tower (with --train-vision).")
 @click.option("--batch-size", type=click.IntRange(1), help="Samples per device per step [4].")
 @click.option("--grad-accum", type=click.IntRange(1), help="Gradient accumulation steps [1].")
 @click.option("--lora-r", type=click.IntRange(1), help="sft with LoRA of this rank (merged on save).")

@@ -149,3 +149,16 @@ def test_connector_init_points_units_at_the_label_probes(init_ckpt):
     wrong = SavedProbes(torch.randn(2, width + 1), torch.zeros(2), {"a": ["x", "y"]})
     with pytest.raises(ValueError, match="probes from another tower"):
         init_connector_from_data(model, tiles, wrong)
+
+
+def test_balanced_class_weights_make_each_class_weigh_the_same():
+    from eyecare_edge.training.vision_stage import balanced_class_weights
+
+    # label 0: 4 "no", 1 "yes", one row without the label; label 1: 3 classes, one never seen
+    targets = torch.tensor([[0, 0], [0, 1], [0, 1], [0, 0], [1, 0], [-100, 0]])
+    w0, w1 = balanced_class_weights(targets, [2, 3])
+    assert torch.allclose(w0, torch.tensor([5 / 8, 5 / 2]))
+    # every class's total weight is n / K: the rare class counts as much as the common one
+    assert torch.allclose(w0 * torch.tensor([4.0, 1.0]), torch.tensor([2.5, 2.5]))
+    assert torch.allclose(w1[:2] * torch.tensor([4.0, 2.0]), torch.tensor([2.0, 2.0]))
+    assert torch.isfinite(w1).all()  # an unseen class gets a finite weight (it never occurs)

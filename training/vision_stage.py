@@ -7,7 +7,8 @@ order: first the tower sees, then the connector aligns it, then the LLM is instr
 
 Objective: one linear classification head per label column on the tower's pooled dense-connector
 features ([last, mean(fine), mean(coarse)] hidden states, averaged over tokens and tiles: exactly
-what the connector reads), summed cross-entropy over the labels each image has. The heads are
+what the connector reads), summed class-balanced cross-entropy over the labels each image has
+(`balanced_class_weights`). The heads are
 dropped after training; only the tower changes in the saved checkpoint, which is an ordinary
 EyecareGPT checkpoint (`export`, `align` and `sft` read it). SigLIP's sigmoid image-text loss was
 not tried (the checkpoint has no text tower). Measured with heads, 400 phantom images, 200 steps,
@@ -118,6 +119,25 @@ def _batch(images: _Images, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor,
     parts = [images.tiles[images.starts[i] : images.starts[i] + images.counts[i]] for i in idx]
     owner = torch.cat([torch.full((images.counts[i],), k, dtype=torch.long) for k, i in enumerate(idx)])
     return torch.cat(parts), owner, images.targets[idx]
+
+
+def balanced_class_weights(targets: torch.Tensor, n_classes: list[int]) -> list[torch.Tensor]:
+    """Per label column, class weights n / (K * count) over the rows that have the label (sklearn's
+    "balanced"): a finding present in 1 image in 5 weighs as much as its absence.
+
+    Why: graded archives are skewed (the phantom's drusen: 21% of fundus images; a clinic's DR
+    grades more so), and unweighted cross-entropy lets the tower ignore the rare class, while
+    closed questions ask about presence and absence about equally often. Measured on the demo's
+    recipe (held-out accuracy, unweighted -> weighted): drusen 87.5 -> 94.6%, fundus diagnosis
+    92.3 -> 98.1%, OCT diagnosis and OCT fluid 80.0 -> 87.5%; DR grade 82.1 -> 66.1% (its plain
+    accuracy: the majority grade is 62.5% of the held-out images), the rest within 2 points.
+    """
+    out = []
+    for k, n in enumerate(n_classes):
+        col = targets[:, k]
+        counts = torch.bincount(col[col != -100], minlength=n).to(torch.float32)
+        out.append(counts.sum() / (n * counts.clamp(min=1)))
+    return out
 
 
 def _per_image(tile_feats: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
@@ -286,7 +306,7 @@ def run_vision_stage(opts, *, progress: bool = True):
     gen = torch.Generator().manual_seed(opts.seed)
     order: list[int] = []
     history: list[tuple[int, float]] = []
-    ce = nn.CrossEntropyLoss(ignore_index=-100)
+    weights = balanced_class_weights(train_imgs.targets, [len(v) for v in vocab.values()])
     seen = 0
     for step in range(steps):
         for g in optim.param_groups:
@@ -302,7 +322,9 @@ def run_vision_stage(opts, *, progress: bool = True):
         tokens = model.connector.channels(model.vision_tower(_augment(pix, gen)))
         logits = heads(_per_image(pool_tokens(tokens), owner, len(idx)))
         loss = sum(
-            ce(lg, targets[:, k]) for k, lg in enumerate(logits) if bool((targets[:, k] != -100).any())
+            nn.functional.cross_entropy(lg, targets[:, k], weight=weights[k], ignore_index=-100)
+            for k, lg in enumerate(logits)
+            if bool((targets[:, k] != -100).any())
         )
         probe_loss = probes.loss(tokens.detach(), owner, targets)  # the tower does not see it
         optim.zero_grad(set_to_none=True)

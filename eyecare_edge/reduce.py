@@ -102,11 +102,13 @@ def parse_visual_tokens(text: str | int | float | None) -> int | float | None:
         ) from None
 
 
-# Named budgets for `export --budget` (tiles + kept tokens per image), chosen with `eyecare-edge
+# Named budgets for `export --budget` (tiles + kept tokens per image), measured with `eyecare-edge
 # perf` (README, "Token budgets"): `balanced` is what the rule "fewest visual tokens within 1
-# point of full-token closed-QA accuracy" picked on the trained demo bundle (25% diverse: 61.5% vs
-# 61.0% full, n=400; TTFT 0.31x full at eyecare-3.8b shapes); `fast` targets <= 0.12x full TTFT
-# with one patch tile (2 vision tiles instead of 7) and a quarter of its tokens.
+# point of full-token closed-QA accuracy" picked on a demo bundle that did not read laterality
+# (25% diverse: 73.8% vs 74.5% full, n=400; TTFT 0.26x full at eyecare-3.8b shapes); on the demo
+# model that reads it, 25% diverse costs 3.8 points (83.0% vs 86.8%) and the rule keeps every
+# token, so no bundle gets a budget unless its exporter asks. `fast` targets <= 0.12x full TTFT
+# with one patch tile (2 vision tiles instead of 7) and a quarter of its tokens (0.11x, -4.6).
 NAMED_BUDGETS: dict[str, dict] = {
     "full": {"max_tiles": None, "visual_tokens": None, "method": "pool"},
     "balanced": {"max_tiles": None, "visual_tokens": 0.25, "method": "diverse"},

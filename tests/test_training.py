@@ -188,7 +188,11 @@ def test_each_part_trains_at_its_own_learning_rate(ckpt, squares, tmp_path):
             for prefix, part in parts.items()
         }
 
-    assert moved(tmp_path / "frozen-tower", vision_lr=0.0) == {"vision": False, "connector": True, "llm": True}
+    assert moved(tmp_path / "frozen-tower", vision_lr=0.0) == {
+        "vision": False,
+        "connector": True,
+        "llm": True,
+    }
     assert moved(tmp_path / "frozen-conn", connector_lr=0.0, vision_lr=1e-3) == {
         "vision": True,
         "connector": False,
@@ -313,6 +317,10 @@ def test_options_yaml_cli_and_deepspeed_passthrough(tmp_path, ckpt, squares):
         resolve_options(tmp_path / "bad.yaml", init="i", data="d", out="o")
     with pytest.raises(TrainingError, match="lora"):
         TrainOptions(init="i", data="d", out="o", stage="align", lora_r=4)
+    with pytest.raises(TrainingError, match="--train-vision"):  # a frozen tower has no rate
+        TrainOptions(init="i", data="d", out="o", stage="sft", vision_lr=1e-4)
+    with pytest.raises(TrainingError, match="--train-vision"):
+        TrainOptions(init="i", data="d", out="o", stage="vision", train_vision=True, vision_lr=1e-4)
     with pytest.raises(TrainingError, match="DeepSpeed config not found"):
         TrainOptions(init="i", data="d", out="o", deepspeed=str(tmp_path / "none.json"))
     example = resolve_options(ROOT / "configs" / "train_tiny.yaml", init="i", data="d", out="o")

@@ -96,7 +96,8 @@ def training_arguments_kwargs(opts: TrainOptions, *, progress: bool = True) -> d
 
 class EyecareTrainer(Trainer):
     """HF Trainer that pops our bookkeeping keys, counts samples and skips, and can give the
-    connector its own learning rate (LLaVA's `mm_projector_lr`)."""
+    connector and the tower their own learning rates (LLaVA's `mm_projector_lr`, LLaVA-NeXT's
+    `mm_vision_tower_lr`)."""
 
     def __init__(
         self,

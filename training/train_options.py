@@ -92,6 +92,11 @@ class TrainOptions:
             raise TrainingError(f"--lora-r must be >= 1, got {self.lora_r}")
         if self.max_steps is not None and self.epochs is not None:
             raise TrainingError("give --max-steps or --epochs, not both")
+        if self.vision_lr is not None and (self.stage == "vision" or not self.train_vision):
+            raise TrainingError(
+                "--vision-lr is the tower's rate when align/sft train it: add --train-vision "
+                "(the vision stage's own rate is --lr)"
+            )
         if self.precision not in PRECISIONS:
             raise TrainingError(
                 f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}"

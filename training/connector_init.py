@@ -8,7 +8,8 @@ when the vision stage left them, (2) standardises every first-layer unit on the 
 on the scale of the words it knows.
 
 Measured: (3) alone, "which eye" through a frozen random LLM, 200 steps: 52% without it, 88%
-with it (issue 3); (1) on the demo recipe: closed-QA 67.5% -> 77.9% (issue 13 note).
+with it (issue 3); (1) on the demo recipe: closed-QA 67.5% -> 75.0% with the vision stage's
+probes, 77.9% with probes refitted by LBFGS (issue 13 note).
 """
 
 from __future__ import annotations

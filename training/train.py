@@ -109,7 +109,10 @@ class EyecareTrainer(Trainer):
     ):
         super().__init__(*args, **kwargs)
         self.skips = skips
-        self.part_lrs = {"connector": connector_lr, "vision": vision_lr}
+        # Parts with their own rate; the rest (the LLM above all) take `learning_rate`.
+        self.part_lrs = {
+            k: v for k, v in (("connector", connector_lr), ("vision", vision_lr)) if v is not None
+        }
         self.samples_seen = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -149,7 +152,7 @@ class EyecareTrainer(Trainer):
         """One parameter group per (part, weight decay) when the connector or the tower has its
         own learning rate; the LLM (and any part without one) takes `learning_rate`."""
         opt_model = self.model if model is None else model
-        if self.optimizer is None and any(lr is not None for lr in self.part_lrs.values()):
+        if self.optimizer is None and self.part_lrs:
             decay = set(self.get_decay_parameter_names(opt_model))
             groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
             for name, p in opt_model.named_parameters():
@@ -160,7 +163,7 @@ class EyecareTrainer(Trainer):
                 {
                     "params": ps,
                     "weight_decay": self.args.weight_decay if dec else 0.0,
-                    "lr": self.args.learning_rate if self.part_lrs.get(part) is None else self.part_lrs[part],
+                    "lr": self.part_lrs.get(part, self.args.learning_rate),
                 }
                 for (part, dec), ps in groups.items()
             ]

@@ -8,11 +8,10 @@ order: first the tower sees, then the connector aligns it, then the LLM is instr
 Objective: one linear classification head per label column on the tower's pooled dense-connector
 features ([last, mean(fine), mean(coarse)] hidden states, averaged over tokens and tiles: exactly
 what the connector reads), summed class-balanced cross-entropy over the labels each image has
-(`balanced_class_weights`). The heads are
-dropped after training; only the tower changes in the saved checkpoint, which is an ordinary
-EyecareGPT checkpoint (`export`, `align` and `sft` read it). SigLIP's sigmoid image-text loss was
-not tried (the checkpoint has no text tower). Measured with heads, 400 phantom images, 200 steps,
-batch 16, `minimal` budget: held-out modality, eye and disc side 100%; lesion labels need the PCA
+(`balanced_class_weights`). The heads are dropped after training; only the tower changes in the
+saved checkpoint, which is an ordinary EyecareGPT checkpoint (`export`, `align` and `sft` read it).
+SigLIP's sigmoid image-text loss was not tried (the checkpoint has no text tower). Measured with
+heads, 400 phantom images, 200 steps, batch 16, `minimal` budget: held-out modality, eye and disc side 100%; lesion labels need the PCA
 patch init and more images (800: haemorrhage 89%, hard exudate 89%), see issue 13's note.
 Re-measured later (12 label columns, current phantom): 400 images, 200 steps, `minimal`, patch
 init: eye and disc side 71% held-out (chance 71%, n=31); 800 images, 500 steps (the demo's

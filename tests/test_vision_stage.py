@@ -60,8 +60,10 @@ def test_read_labels_csv_and_jsonl_skip_bad_rows(labelled, tmp_path):
     # JSONL: null is "unknown for this image", booleans become yes/no
     jl = tmp_path / "labels.jsonl"
     jl.write_text(
-        json.dumps({"image": str(labelled / "img/1.png"), "dr": True, "eye": None}) + "\n"
-        + json.dumps({"image": str(labelled / "img/2.png"), "dr": False, "eye": "OS"}) + "\n"
+        json.dumps({"image": str(labelled / "img/1.png"), "dr": True, "eye": None})
+        + "\n"
+        + json.dumps({"image": str(labelled / "img/2.png"), "dr": False, "eye": "OS"})
+        + "\n"
     )
     rows2, names2 = read_labels(jl)
     assert names2 == ["dr", "eye"] and [r.labels for r in rows2] == [{"dr": "yes"}, {"dr": "no", "eye": "OS"}]
@@ -104,6 +106,9 @@ def test_vision_stage_learns_a_visible_label_and_keeps_the_llm(labelled, init_ck
     before, _ = load_checkpoint(init_ckpt)
     after, _ = load_checkpoint(out)
     assert after.config.preprocess["max_tiles"] == 1  # --budget is stored like the other stages do
+    # init marks its random tower; the trained one is no longer random, so no later stage
+    # re-initialises it
+    assert before.config.vision_tower_random is True and after.config.vision_tower_random is False
     b, a = before.state_dict(), after.state_dict()
     tower = [k for k in a if k.startswith("vision_tower.")]
     assert any(not torch.equal(a[k], b[k]) for k in tower)
@@ -162,3 +167,101 @@ def test_balanced_class_weights_make_each_class_weigh_the_same():
     assert torch.allclose(w0 * torch.tensor([4.0, 1.0]), torch.tensor([2.5, 2.5]))
     assert torch.allclose(w1[:2] * torch.tensor([4.0, 2.0]), torch.tensor([2.0, 2.0]))
     assert torch.isfinite(w1).all()  # an unseen class gets a finite weight (it never occurs)
+
+
+def _vision_run(init: Path, data: Path, out: Path, *extra: str) -> dict[str, torch.Tensor]:
+    args = ["train", "--stage", "vision", "--init", str(init), "--data", str(data), "--batch-size", "4"]
+    args += ["--budget", "minimal", "--threads", "1", "--quiet", "-o", str(out), *extra]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    from eyecare_edge.training.checkpoint import load_checkpoint
+
+    return {k: v for k, v in load_checkpoint(out)[0].state_dict().items() if k.startswith("vision_tower.")}
+
+
+def test_only_a_random_tower_gets_the_from_scratch_init(labelled, init_ckpt, tmp_path):
+    """At learning rate 0 the tower changes only by its init: `init`'s random tower gets the PCA
+    patch embedding and the sin-cos position table; a trained tower (the flag cleared) is left
+    bit-identical unless --patch-init asks, and --no-patch-init leaves a random one alone."""
+    from eyecare_edge.training.checkpoint import load_checkpoint
+    from eyecare_edge.training.vision_stage import init_position_embedding_sincos
+
+    data = labelled / "labels.csv"
+    pos, patch = (
+        "vision_tower.embeddings.position_embedding.weight",
+        "vision_tower.embeddings.patch_embedding.weight",
+    )
+    before = {
+        k: v for k, v in load_checkpoint(init_ckpt)[0].state_dict().items() if k.startswith("vision_tower.")
+    }
+    first = _vision_run(init_ckpt, data, tmp_path / "a", "--max-steps", "1", "--lr", "0")
+    assert not torch.equal(first[patch], before[patch]) and not torch.equal(first[pos], before[pos])
+    model, _ = load_checkpoint(init_ckpt)
+    init_position_embedding_sincos(model)
+    assert torch.equal(first[pos], model.vision_tower.embeddings.position_embedding.weight.detach())
+    untouched = [k for k in before if k not in (pos, patch) and "patch_embedding.bias" not in k]
+    assert all(torch.equal(first[k], before[k]) for k in untouched)
+
+    trained = _vision_run(init_ckpt, data, tmp_path / "t", "--max-steps", "2", "--lr", "1e-3")
+    again = _vision_run(tmp_path / "t", data, tmp_path / "b", "--max-steps", "1", "--lr", "0")
+    assert all(torch.equal(again[k], trained[k]) for k in trained)  # trained: nothing re-initialised
+    forced = _vision_run(
+        tmp_path / "t", data, tmp_path / "c", "--max-steps", "1", "--lr", "0", "--patch-init"
+    )
+    assert not torch.equal(forced[patch], trained[patch]) and torch.equal(forced[patch], first[patch])
+    kept = _vision_run(init_ckpt, data, tmp_path / "d", "--max-steps", "1", "--lr", "0", "--no-patch-init")
+    assert all(torch.equal(kept[k], before[k]) for k in before)
+
+
+def test_init_position_embedding_sincos_codes_row_and_column():
+    """Half the channels code the row, half the column; every position gets its own code."""
+    from types import SimpleNamespace
+
+    from eyecare_edge.training.vision_stage import init_position_embedding_sincos
+
+    table = torch.nn.Embedding(64, 32)
+    model = SimpleNamespace(
+        vision_tower=SimpleNamespace(embeddings=SimpleNamespace(position_embedding=table))
+    )
+    init_position_embedding_sincos(model)
+    w = table.weight.detach().reshape(8, 8, 32)
+    assert torch.equal(w[3, 0, :16], w[3, 7, :16]) and torch.equal(w[0, 5, 16:], w[6, 5, 16:])
+    assert torch.cdist(w.reshape(64, 32), w.reshape(64, 32)).add(torch.eye(64)).min() > 0.1
+    assert float(w.abs().max()) <= 1.0
+    with pytest.raises(ValueError, match="square grid"):
+        init_position_embedding_sincos(
+            SimpleNamespace(
+                vision_tower=SimpleNamespace(
+                    embeddings=SimpleNamespace(position_embedding=torch.nn.Embedding(60, 32))
+                )
+            )
+        )
+
+
+def test_token_loss_trains_the_tower(labelled, init_ckpt, tmp_path):
+    """The per-token label loss reaches the tower: the same seeded step with weight 0 and weight 1
+    gives different towers, and with the same weight the same one."""
+    data = labelled / "labels.csv"
+    steps = ("--max-steps", "2", "--lr", "1e-3")
+    w0 = _vision_run(init_ckpt, data, tmp_path / "w0", *steps, "--token-loss-weight", "0")
+    w1 = _vision_run(init_ckpt, data, tmp_path / "w1", *steps, "--token-loss-weight", "1")
+    w1b = _vision_run(init_ckpt, data, tmp_path / "w1b", *steps, "--token-loss-weight", "1")
+    assert all(torch.equal(w1[k], w1b[k]) for k in w1)
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0 if "encoder.layers" in k)
+    res = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--stage",
+            "vision",
+            "--init",
+            str(init_ckpt),
+            "--data",
+            str(data),
+            "-o",
+            str(tmp_path / "x"),
+            "--token-loss-weight",
+            "-1",
+        ],
+    )
+    assert res.exit_code == 2 and "token-loss-weight" in res.output

@@ -143,6 +143,7 @@ def init_checkpoint(
         tc.pad_token_id = tokenizer.pad_token_id
         tc.bos_token_id = None
 
+    config.vision_tower_random = vision_dir is None
     with torch.device("cpu"):
         model = EyecareGPTForConditionalGeneration(config).to(tdtype)
     if vision_state is not None:

@@ -74,7 +74,12 @@ class TrainOptions:
     path_column: str | None = None
     labels: list[str] | None = None
     eval_fraction: float = 0.15
-    patch_init: bool = False  # PCA init of a random tower's patch embedding (vision_stage)
+    # From-scratch init of a random tower (PCA patch embedding, sin-cos positions; vision_stage);
+    # None: when the checkpoint's tower is still `init`'s random one (config.vision_tower_random).
+    patch_init: bool | None = None
+    # Weight of the per-token label loss that also trains the tower (every token predicts its
+    # image's labels, training.label_probes); 0: the probes only read detached tokens.
+    token_loss_weight: float = 1.0
     connector_init: bool = False  # align: data-dependent connector init (training.connector_init)
 
     def __post_init__(self) -> None:
@@ -97,6 +102,8 @@ class TrainOptions:
                 "--vision-lr is the tower's rate when align/sft train it: add --train-vision "
                 "(the vision stage's own rate is --lr)"
             )
+        if self.token_loss_weight < 0:
+            raise TrainingError(f"--token-loss-weight must be >= 0, got {self.token_loss_weight}")
         if self.precision not in PRECISIONS:
             raise TrainingError(
                 f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}"

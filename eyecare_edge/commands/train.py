@@ -97,7 +97,14 @@ STAGES = ["vision", "align", "sft"]
 @click.option(
     "--patch-init/--no-patch-init",
     default=None,
-    help="--stage vision: PCA init of a RANDOM tower's patch embedding (never a pretrained one).",
+    help="--stage vision: from-scratch init of a RANDOM tower (PCA patch embedding, sin-cos "
+    "positions) [auto: when the checkpoint's tower is still `init`'s random one].",
+)
+@click.option(
+    "--token-loss-weight",
+    type=click.FloatRange(0.0),
+    help="--stage vision: weight of the per-token label loss, which teaches every visual token its "
+    "image's labels (what the LLM reads) [1.0]; 0: pooled heads only.",
 )
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads per process.")
 @click.option(

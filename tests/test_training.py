@@ -347,3 +347,25 @@ def test_two_process_ddp_with_gloo(ckpt, squares, tmp_path):
     assert not torch.equal(
         _state(ckpt)["connector.mm_projector.0.weight"], _state(out)["connector.mm_projector.0.weight"]
     )
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    """`auto`: bf16 on a GPU with it, and on a CPU with native BF16 dot products (AVX-512 BF16 or
+    AMX); fp32 on other CPUs, where autocast would emulate bf16 and run slower. Explicit choices
+    are taken as given."""
+    from eyecare_edge.training.precision import cpu_has_native_bf16, mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for avx512_bf16, amx, expected in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert cpu_has_native_bf16() is expected
+        assert mixed_precision("auto") == (expected, False)
+        assert mixed_precision("fp32") == (False, False) and mixed_precision("bf16") == (True, False)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert mixed_precision("auto") == (False, False)  # a torch without the probes: fp32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert mixed_precision("auto") == (True, False)
+    assert mixed_precision("auto", cpu_only=True) == (False, False)  # the CPU above has no BF16

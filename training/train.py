@@ -27,6 +27,7 @@ from eyecare_edge.training.checkpoint import load_checkpoint, read_config
 from eyecare_edge.training.collate import EyecareCollator, pop_meta
 from eyecare_edge.training.data import EyecareDataset, SkipLog, filter_tasks, read_conversations
 from eyecare_edge.training.encoding import IGNORE_INDEX
+from eyecare_edge.training.precision import mixed_precision
 from eyecare_edge.training.stages import configure_stage, merge_lora_state_dict
 from eyecare_edge.training.train_options import TrainingError, TrainOptions, TrainResult
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -38,14 +39,6 @@ log = logging.getLogger("eyecare_edge.training")
 
 
 # --- TrainingArguments -----------------------------------------------------------------------------
-
-
-def mixed_precision(precision: str) -> tuple[bool, bool]:
-    """(bf16, fp16) flags: `auto` means bf16 on a GPU that has it, fp32 elsewhere (CPU autocast
-    in bf16 is slower than fp32 on most CPUs)."""
-    if precision == "auto":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()), False
-    return precision == "bf16", precision == "fp16"
 
 
 def training_arguments_kwargs(opts: TrainOptions, *, progress: bool = True) -> dict[str, Any]:

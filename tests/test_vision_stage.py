@@ -179,38 +179,34 @@ def _vision_run(init: Path, data: Path, out: Path, *extra: str) -> dict[str, tor
     return {k: v for k, v in load_checkpoint(out)[0].state_dict().items() if k.startswith("vision_tower.")}
 
 
-def test_only_a_random_tower_gets_the_from_scratch_init(labelled, init_ckpt, tmp_path):
-    """At learning rate 0 the tower changes only by its init: `init`'s random tower gets the PCA
-    patch embedding and the sin-cos position table; a trained tower (the flag cleared) is left
-    bit-identical unless --patch-init asks, and --no-patch-init leaves a random one alone."""
+def test_only_a_random_tower_gets_sincos_positions_and_pca_only_when_asked(labelled, init_ckpt, tmp_path):
+    """At learning rate 0 the tower changes only by its init: `init`'s random tower gets the
+    sin-cos position table and nothing else; --patch-init adds the PCA patch filters; a trained
+    tower (the flag cleared) is left bit-identical, and --patch-init there touches only its
+    patch filters."""
     from eyecare_edge.training.checkpoint import load_checkpoint
     from eyecare_edge.training.vision_stage import init_position_embedding_sincos
 
     data = labelled / "labels.csv"
-    pos, patch = (
-        "vision_tower.embeddings.position_embedding.weight",
-        "vision_tower.embeddings.patch_embedding.weight",
-    )
-    before = {
-        k: v for k, v in load_checkpoint(init_ckpt)[0].state_dict().items() if k.startswith("vision_tower.")
-    }
-    first = _vision_run(init_ckpt, data, tmp_path / "a", "--max-steps", "1", "--lr", "0")
-    assert not torch.equal(first[patch], before[patch]) and not torch.equal(first[pos], before[pos])
+    lr0 = ("--max-steps", "1", "--lr", "0")
+    pos = "vision_tower.embeddings.position_embedding.weight"
+    patch = "vision_tower.embeddings.patch_embedding.weight"
     model, _ = load_checkpoint(init_ckpt)
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("vision_tower.")}
     init_position_embedding_sincos(model)
-    assert torch.equal(first[pos], model.vision_tower.embeddings.position_embedding.weight.detach())
-    untouched = [k for k in before if k not in (pos, patch) and "patch_embedding.bias" not in k]
-    assert all(torch.equal(first[k], before[k]) for k in untouched)
+    sincos = model.vision_tower.embeddings.position_embedding.weight.detach()
+
+    first = _vision_run(init_ckpt, data, tmp_path / "a", *lr0)
+    assert torch.equal(first[pos], sincos) and not torch.equal(first[pos], before[pos])
+    assert all(torch.equal(first[k], before[k]) for k in before if k != pos)
+    pca = _vision_run(init_ckpt, data, tmp_path / "p", *lr0, "--patch-init")
+    assert torch.equal(pca[pos], sincos) and not torch.equal(pca[patch], before[patch])
 
     trained = _vision_run(init_ckpt, data, tmp_path / "t", "--max-steps", "2", "--lr", "1e-3")
-    again = _vision_run(tmp_path / "t", data, tmp_path / "b", "--max-steps", "1", "--lr", "0")
+    again = _vision_run(tmp_path / "t", data, tmp_path / "b", *lr0)
     assert all(torch.equal(again[k], trained[k]) for k in trained)  # trained: nothing re-initialised
-    forced = _vision_run(
-        tmp_path / "t", data, tmp_path / "c", "--max-steps", "1", "--lr", "0", "--patch-init"
-    )
-    assert not torch.equal(forced[patch], trained[patch]) and torch.equal(forced[patch], first[patch])
-    kept = _vision_run(init_ckpt, data, tmp_path / "d", "--max-steps", "1", "--lr", "0", "--no-patch-init")
-    assert all(torch.equal(kept[k], before[k]) for k in before)
+    forced = _vision_run(tmp_path / "t", data, tmp_path / "c", *lr0, "--patch-init")
+    assert not torch.equal(forced[patch], trained[patch]) and torch.equal(forced[pos], trained[pos])
 
 
 def test_init_position_embedding_sincos_codes_row_and_column():

@@ -53,8 +53,8 @@ class EyecareGPTConfig(PreTrainedConfig):
     system_prompt: str | None = None
     preset: str | None = None
     # True while the tower holds `init`'s random weights (no pretrained SigLIP given): the vision
-    # stage then starts it with its from-scratch inits (`vision_stage.init_from_scratch`) and
-    # clears the flag. Never true for a pretrained or imported tower, so nothing overwrites one.
+    # stage then starts its position table as sin-cos codes (`init_position_embedding_sincos`)
+    # and clears the flag. Never true for a pretrained or imported tower, so nothing overwrites one.
     vision_tower_random: bool = False
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False

@@ -74,9 +74,7 @@ class TrainOptions:
     path_column: str | None = None
     labels: list[str] | None = None
     eval_fraction: float = 0.15
-    # From-scratch init of a random tower (PCA patch embedding, sin-cos positions; vision_stage);
-    # None: when the checkpoint's tower is still `init`'s random one (config.vision_tower_random).
-    patch_init: bool | None = None
+    patch_init: bool = False  # PCA init of a random tower's patch embedding (vision_stage)
     # Weight of the per-token label loss that also trains the tower (every token predicts its
     # image's labels, training.label_probes); 0: the probes only read detached tokens.
     token_loss_weight: float = 1.0

@@ -15,14 +15,16 @@ checkpoint for the connector init. Only the tower changes in the saved checkpoin
 ordinary EyecareGPT checkpoint (`export`, `align` and `sft` read it). SigLIP's sigmoid image-text
 loss was not tried (the checkpoint has no text tower).
 
-A tower still holding `init`'s random weights (`config.vision_tower_random`) first gets two
-from-scratch inits: PCA patch filters (`init_patch_embedding_pca`) and a 2-D sin-cos position table
-(`init_position_embedding_sincos`). Measured (400 phantom images, 200 steps, batch 16, `minimal`,
+A tower still holding `init`'s random weights (`config.vision_tower_random`) first gets a 2-D
+sin-cos position table (`init_position_embedding_sincos`); `--patch-init` adds PCA patch filters
+(`init_patch_embedding_pca`). Measured (400 phantom images, 200 steps, batch 16, `minimal`,
 held-out pooled head / single-token probe, eye n=31, chance 71%): random table, no token loss:
-eye 61/45%, OCT diagnosis 41/35%; sin-cos: eye 65/61%; token loss: eye 65/65%; both: eye 81/90%,
-disc side 77/87%, OCT diagnosis 65/65%. The demo's recipe (800 images, 500 steps): eye, disc side
-100% from a single token, OCT fluid 82% (48% without them), and closed QA held within 1 point down
-to a quarter of the visual tokens (README, "Token budgets").
+eye 61/45%; sin-cos: 65/61%; token loss: 65/65%; both: eye 81/90%, disc side 77/87% (2 threads,
+bf16: the same); both + PCA patch filters: eye 65/71%, but haemorrhage 90% (84% without) and OCT
+diagnosis 76% (53%). So the PCA filters stay opt-in; the demo (800 images, 500 steps) asks for
+them and gets eye and disc side 100% and haemorrhage 98% held-out, OCT fluid 82% from a single
+token (48% before the token loss), and closed QA held within 1 point down to 15% of the visual
+tokens (README, "Token budgets").
 
 Images are decoded and tiled once with the runtime's own preprocessing (the checkpoint's
 `preprocess`, after `--budget`), so the tower learns on the tiles it will see at inference.
@@ -271,6 +273,7 @@ def eval_report(
 def run_vision_stage(opts, *, progress: bool = True):
     """Train the tower of `opts.init` on the labels file `opts.data`; write the checkpoint and
     OUT/vision_eval.json. Returns a `TrainResult` like the other stages."""
+    from eyecare_edge.training.precision import mixed_precision
     from eyecare_edge.training.train_options import TrainingError, TrainResult
 
     t0 = time.perf_counter()
@@ -310,10 +313,10 @@ def run_vision_stage(opts, *, progress: bool = True):
         skips.by_reason(),
     )
 
-    from_scratch = model.config.vision_tower_random if opts.patch_init is None else opts.patch_init
-    if from_scratch:
-        init_patch_embedding_pca(model, train_imgs.tiles, seed=opts.seed)
+    if model.config.vision_tower_random:  # init's random tower, never a pretrained or trained one
         init_position_embedding_sincos(model)
+    if opts.patch_init:
+        init_patch_embedding_pca(model, train_imgs.tiles, seed=opts.seed)
     model.requires_grad_(False)
     model.vision_tower.requires_grad_(True)
     model.vision_tower.train()
@@ -335,6 +338,9 @@ def run_vision_stage(opts, *, progress: bool = True):
             return (step + 1) / max(warm, 1)
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(steps - warm, 1)))
 
+    # bf16 autocast where `train --precision` resolves to it (auto: a CPU with native BF16; this
+    # stage runs on the CPU)
+    bf16 = mixed_precision(opts.precision, cpu_only=True)[0]
     gen = torch.Generator().manual_seed(opts.seed)
     order: list[int] = []
     history: list[tuple[int, float]] = []
@@ -351,17 +357,18 @@ def run_vision_stage(opts, *, progress: bool = True):
         pix, owner, targets = _batch(train_imgs, idx)
         model.vision_tower.train()
         heads.train()
-        tokens = model.connector.channels(model.vision_tower(_augment(pix, gen)))
-        logits = heads(_per_image(pool_tokens(tokens), owner, len(idx)))
-        loss = sum(
-            nn.functional.cross_entropy(lg, targets[:, k], weight=weights[k], ignore_index=-100)
-            for k, lg in enumerate(logits)
-            if bool((targets[:, k] != -100).any())
-        )
-        if opts.token_loss_weight > 0:  # every token learns to carry its image's labels
-            probe_loss = opts.token_loss_weight * probes.loss(tokens, owner, targets)
-        else:  # the probes only read the tokens; the tower does not see their loss
-            probe_loss = probes.loss(tokens.detach(), owner, targets)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            tokens = model.connector.channels(model.vision_tower(_augment(pix, gen)))
+            logits = heads(_per_image(pool_tokens(tokens), owner, len(idx)))
+            loss = sum(
+                nn.functional.cross_entropy(lg.float(), targets[:, k], weight=weights[k], ignore_index=-100)
+                for k, lg in enumerate(logits)
+                if bool((targets[:, k] != -100).any())
+            )
+            if opts.token_loss_weight > 0:  # every token learns to carry its image's labels
+                probe_loss = opts.token_loss_weight * probes.loss(tokens, owner, targets)
+            else:  # the probes only read the tokens; the tower does not see their loss
+                probe_loss = probes.loss(tokens.detach(), owner, targets)
         optim.zero_grad(set_to_none=True)
         (loss + probe_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -70,7 +70,11 @@ STAGES = ["vision", "align", "sft"]
 @click.option(
     "--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Trade compute for memory."
 )
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), help="[auto: bf16 on GPU].")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+    help="Mixed precision [auto: bf16 on a GPU with it and on a CPU with native BF16 (AVX-512 BF16, AMX); else fp32].",
+)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Weights as loaded.")
 @click.option("--save-steps", type=click.IntRange(1), help="Save a resumable checkpoint every N steps [500].")
 @click.option("--logging-steps", type=click.IntRange(1), help="Log the loss every N steps [10].")
@@ -97,8 +101,8 @@ STAGES = ["vision", "align", "sft"]
 @click.option(
     "--patch-init/--no-patch-init",
     default=None,
-    help="--stage vision: from-scratch init of a RANDOM tower (PCA patch embedding, sin-cos "
-    "positions) [auto: when the checkpoint's tower is still `init`'s random one].",
+    help="--stage vision: PCA init of a RANDOM tower's patch embedding (never a pretrained one); "
+    "init's random tower also gets sin-cos positions, always.",
 )
 @click.option(
     "--token-loss-weight",

@@ -136,6 +136,9 @@ def test_tiny_run_lowers_the_loss(trained, ckpt):
     )
     assert tok("A", add_special_tokens=False)["input_ids"]
     assert json.loads((out / "train_result.json").read_text())["global_step"] == 30
+    # init's random tower, trained here (--train-vision), is no longer flagged random
+    assert json.loads((ckpt / "config.json").read_text())["vision_tower_random"] is True
+    assert json.loads((out / "config.json").read_text()).get("vision_tower_random", False) is False
 
 
 def test_evaluate_closed_qa_reports_accuracy(trained, squares):
@@ -164,8 +167,10 @@ def test_align_trains_only_the_connector(ckpt, squares, tmp_path):
     )
     assert result.global_step == 2 and "connector, image_newline" in result.trainable
     # The token budget trained with is recorded in the checkpoint, so export and runtime tile alike.
-    pre = json.loads((out / "config.json").read_text())["preprocess"]
+    cfg = json.loads((out / "config.json").read_text())
+    pre = cfg["preprocess"]
     assert (pre["max_tiles"], pre["anyres_max"]) == (1, 1)
+    assert cfg["vision_tower_random"] is True  # the tower was frozen: still init's random one
     before, after = _state(ckpt), _state(out)
     for k in before:
         same = torch.equal(before[k], after[k])

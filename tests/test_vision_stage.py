@@ -261,3 +261,32 @@ def test_token_loss_trains_the_tower(labelled, init_ckpt, tmp_path):
         ],
     )
     assert res.exit_code == 2 and "token-loss-weight" in res.output
+
+
+def test_vision_stage_in_bf16_and_fp16_refused(labelled, init_ckpt, tmp_path):
+    """--precision bf16 trains the tower under CPU autocast (recorded in vision_eval.json) with
+    fp32 weights saved; fp16, which the CPU cannot autocast to, is refused with the reason."""
+    data = labelled / "labels.csv"
+    before = _vision_run(init_ckpt, data, tmp_path / "w0", "--max-steps", "1", "--lr", "0")
+    bf = _vision_run(
+        init_ckpt, data, tmp_path / "bf", "--max-steps", "2", "--lr", "1e-3", "--precision", "bf16"
+    )
+    assert all(v.dtype == torch.float32 for v in bf.values())
+    assert any(not torch.equal(bf[k], before[k]) for k in bf if "encoder.layers" in k)
+    assert "bf16 autocast" in json.loads((tmp_path / "bf" / "vision_eval.json").read_text())["objective"]
+    fp32 = tmp_path / "f32"
+    _vision_run(init_ckpt, data, fp32, "--max-steps", "1", "--precision", "fp32")
+    assert json.loads((fp32 / "vision_eval.json").read_text())["objective"].endswith("fp32")
+    args = [
+        "train",
+        "--stage",
+        "vision",
+        "--init",
+        str(init_ckpt),
+        "--data",
+        str(data),
+        "-o",
+        str(tmp_path / "x"),
+    ]
+    res = CliRunner().invoke(main, [*args, "--precision", "fp16"])
+    assert res.exit_code == 1 and "autocasts to bf16 only" in res.output

@@ -54,7 +54,8 @@ class EyecareGPTConfig(PreTrainedConfig):
     preset: str | None = None
     # True while the tower holds `init`'s random weights (no pretrained SigLIP given): the vision
     # stage then starts its position table as sin-cos codes (`init_position_embedding_sincos`)
-    # and clears the flag. Never true for a pretrained or imported tower, so nothing overwrites one.
+    # and clears the flag (so do align/sft with --train-vision). Never true for a pretrained or
+    # imported tower, so the table is never overwritten there (`--patch-init` is the user's call).
     vision_tower_random: bool = False
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False

@@ -235,6 +235,8 @@ def run_training(opts: TrainOptions, *, progress: bool = True) -> TrainResult:
     if opts.budget is not None:
         model.config.preprocess = apply_budget(model.config.preprocess_config(), opts.budget).to_dict()
     plan = configure_stage(model, opts.stage, train_vision=opts.train_vision, lora=opts.lora)
+    if opts.train_vision:  # a tower trained here is no longer init's random one
+        model.config.vision_tower_random = False
     if is_main:
         log.info("%s", plan.describe())
     if tokenizer.pad_token_id is None:

@@ -100,6 +100,11 @@ class TrainOptions:
                 "--vision-lr is the tower's rate when align/sft train it: add --train-vision "
                 "(the vision stage's own rate is --lr)"
             )
+        if self.stage == "vision" and self.precision == "fp16":
+            raise TrainingError(
+                "--precision fp16: the vision stage runs on the CPU, which autocasts to bf16 only; "
+                "use bf16, fp32 or auto"
+            )
         if self.token_loss_weight < 0:
             raise TrainingError(f"--token-loss-weight must be >= 0, got {self.token_loss_weight}")
         if self.precision not in PRECISIONS:

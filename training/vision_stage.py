@@ -196,13 +196,13 @@ def init_patch_embedding_pca(model, tiles: torch.Tensor, seed: int = 0, max_patc
 
 @torch.no_grad()
 def init_position_embedding_sincos(model) -> None:
-    """Start a *random* tower's position table as fixed 2-D sine-cosine codes (MAE's, "Better
-    plain ViT baselines"'), a quarter of the channels each for sin/cos of row and column; the table
-    stays trainable.
+    """Start a *random* tower's position table as fixed 2-D sine-cosine codes (as MAE and "Better
+    plain ViT baselines" do), a quarter of the channels each for sin/cos of row and column; the
+    table stays trainable.
 
-    Why: the random table (std 1/sqrt(width) = 0.09 in `tiny`) is ~11x weaker than the patch
-    signal after `init_patch_embedding_pca` (unit variance), and laterality is *where* the disc
-    is. Measured (400 phantom images, 200 steps, held-out eye head / single-token probe, n=31):
+    Why: the random table (std 1/sqrt(width) = 0.09 in `tiny`) is small against the patch signal
+    (unit variance after `init_patch_embedding_pca`, ~0.5-1 from the random filters on normalised
+    pixels), and laterality is *where* the disc is. Measured (400 phantom images, 200 steps, held-out eye head / single-token probe, n=31):
     random table 61/45%, sin-cos 65/61%, sin-cos + per-token label loss 81/90%."""
     pe = model.vision_tower.embeddings.position_embedding
     n, d = pe.weight.shape
@@ -375,7 +375,8 @@ def run_vision_stage(opts, *, progress: bool = True):
         optim.step()
         seen += len(idx)
         if step == 0 or (step + 1) % opts.logging_steps == 0 or step + 1 == steps:
-            history.append((step + 1, float(loss.detach())))
+            tower_loss = loss + probe_loss if opts.token_loss_weight > 0 else loss  # what trains it
+            history.append((step + 1, float(tower_loss.detach())))
             if progress:
                 log.info("vision step %d/%d: loss %.4f", step + 1, steps, history[-1][1])
 
@@ -384,8 +385,9 @@ def run_vision_stage(opts, *, progress: bool = True):
         preds, probe_preds = evaluate_heads(model, heads, probes, eval_imgs)
         report["labels"] = eval_report(heads, preds, eval_imgs, probe_preds)
     report["objective"] = (
-        "one linear head per label column on pooled connector features (heads dropped); "
-        f"per-token label probes kept in {PROBES_FILE} for the connector init"
+        "one linear head per label column on pooled connector features (heads dropped) + "
+        f"{opts.token_loss_weight} x the per-token label probes' loss; probes kept in {PROBES_FILE} "
+        f"for the connector init; {'bf16 autocast' if bf16 else 'fp32'}"
     )
     report["split"] = {"eval_fraction": opts.eval_fraction, "seed": opts.seed}
 

@@ -101,8 +101,8 @@ STAGES = ["vision", "align", "sft"]
 @click.option(
     "--patch-init/--no-patch-init",
     default=None,
-    help="--stage vision: PCA init of a RANDOM tower's patch embedding (never a pretrained one); "
-    "init's random tower also gets sin-cos positions, always.",
+    help="--stage vision: PCA init of the patch embedding; for a RANDOM tower only (it overwrites "
+    "the first layer). init's random tower also gets sin-cos positions, always.",
 )
 @click.option(
     "--token-loss-weight",

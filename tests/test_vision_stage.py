@@ -169,9 +169,13 @@ def test_balanced_class_weights_make_each_class_weigh_the_same():
     assert torch.isfinite(w1).all()  # an unseen class gets a finite weight (it never occurs)
 
 
+def _vision_args(init: Path, data: Path, out: Path) -> list[str]:
+    return ["train", "--stage", "vision", "--init", str(init), "--data", str(data), "-o", str(out)]
+
+
 def _vision_run(init: Path, data: Path, out: Path, *extra: str) -> dict[str, torch.Tensor]:
-    args = ["train", "--stage", "vision", "--init", str(init), "--data", str(data), "--batch-size", "4"]
-    args += ["--budget", "minimal", "--threads", "1", "--quiet", "-o", str(out), *extra]
+    args = [*_vision_args(init, data, out), "--batch-size", "4", "--budget", "minimal"]
+    args += ["--threads", "1", "--quiet", *extra]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     from eyecare_edge.training.checkpoint import load_checkpoint
@@ -245,20 +249,7 @@ def test_token_loss_trains_the_tower(labelled, init_ckpt, tmp_path):
     assert all(torch.equal(w1[k], w1b[k]) for k in w1)
     assert any(not torch.equal(w0[k], w1[k]) for k in w0 if "encoder.layers" in k)
     res = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--stage",
-            "vision",
-            "--init",
-            str(init_ckpt),
-            "--data",
-            str(data),
-            "-o",
-            str(tmp_path / "x"),
-            "--token-loss-weight",
-            "-1",
-        ],
+        main, [*_vision_args(init_ckpt, data, tmp_path / "x"), "--token-loss-weight", "-1"]
     )
     assert res.exit_code == 2 and "token-loss-weight" in res.output
 
@@ -277,16 +268,5 @@ def test_vision_stage_in_bf16_and_fp16_refused(labelled, init_ckpt, tmp_path):
     fp32 = tmp_path / "f32"
     _vision_run(init_ckpt, data, fp32, "--max-steps", "1", "--precision", "fp32")
     assert json.loads((fp32 / "vision_eval.json").read_text())["objective"].endswith("fp32")
-    args = [
-        "train",
-        "--stage",
-        "vision",
-        "--init",
-        str(init_ckpt),
-        "--data",
-        str(data),
-        "-o",
-        str(tmp_path / "x"),
-    ]
-    res = CliRunner().invoke(main, [*args, "--precision", "fp16"])
+    res = CliRunner().invoke(main, [*_vision_args(init_ckpt, data, tmp_path / "x"), "--precision", "fp16"])
     assert res.exit_code == 1 and "autocasts to bf16 only" in res.output

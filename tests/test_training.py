@@ -374,3 +374,25 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert mixed_precision("auto") == (True, False)
     assert mixed_precision("auto", cpu_only=True) == (False, False)  # the CPU above has no BF16
+
+
+def test_auto_bf16_on_a_cpu_reaches_training_arguments_only_with_use_cpu(monkeypatch, tmp_path):
+    """On a CUDA-less machine with native BF16, `auto` gives the Trainer bf16 with use_cpu; with
+    DeepSpeed (no use_cpu, which TrainingArguments would refuse bf16 without) it stays fp32."""
+    import eyecare_edge.training.precision as precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    opts = TrainOptions(init="i", data="d", out=str(tmp_path / "o"))
+    kw = training_arguments_kwargs(opts)
+    assert kw["bf16"] is True and kw["use_cpu"] is True and kw["fp16"] is False
+    ds = tmp_path / "ds.json"
+    ds.write_text("{}")
+    kw = training_arguments_kwargs(
+        TrainOptions(init="i", data="d", out=str(tmp_path / "o"), deepspeed=str(ds))
+    )
+    assert kw["bf16"] is False and kw["use_cpu"] is False
+    assert (
+        training_arguments_kwargs(TrainOptions(init="i", data="d", out="o", precision="fp32"))["bf16"]
+        is False
+    )

@@ -43,7 +43,12 @@ log = logging.getLogger("eyecare_edge.training")
 
 def training_arguments_kwargs(opts: TrainOptions, *, progress: bool = True) -> dict[str, Any]:
     """The TrainingArguments for `opts`, as keyword arguments (pure: testable without a run)."""
-    bf16, fp16 = mixed_precision(opts.precision)
+    use_cpu = not torch.cuda.is_available() and opts.deepspeed is None
+    # TrainingArguments takes bf16 without a GPU only with use_cpu: DeepSpeed on a CUDA-less machine
+    # keeps `auto` at fp32 (an explicit --precision bf16 gets transformers' own error)
+    bf16, fp16 = mixed_precision(opts.precision, cpu_only=use_cpu)
+    if opts.precision == "auto" and not torch.cuda.is_available() and not use_cpu:
+        bf16 = False
     epochs = opts.epochs if opts.epochs is not None else 1.0
     return {
         "output_dir": str(opts.out),
@@ -78,7 +83,7 @@ def training_arguments_kwargs(opts: TrainOptions, *, progress: bool = True) -> d
         # Without use_cpu, TrainingArguments on a CUDA-less machine under torchrun initialises the
         # process group but trains every process alone (DistributedType.NO); with it, accelerate
         # sets up MULTI_CPU DDP over gloo.
-        "use_cpu": not torch.cuda.is_available() and opts.deepspeed is None,
+        "use_cpu": use_cpu,
         "disable_tqdm": not progress,
         "save_only_model": False,
     }

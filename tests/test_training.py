@@ -360,20 +360,22 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
     are taken as given."""
     from eyecare_edge.training.precision import cpu_has_native_bf16, mixed_precision
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for avx512_bf16, amx, expected in ((False, False, False), (True, False, True), (False, True, True)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
         assert cpu_has_native_bf16() is expected
-        assert mixed_precision("auto") == (expected, False)
-        assert mixed_precision("fp32") == (False, False) and mixed_precision("bf16") == (True, False)
+        assert mixed_precision("auto", on_gpu=False) == (expected, False)
+        assert mixed_precision("auto", on_gpu=False, cpu_bf16=False) == (False, False)
+        for on_gpu in (False, True):
+            assert mixed_precision("fp32", on_gpu=on_gpu) == (False, False)
+            assert mixed_precision("bf16", on_gpu=on_gpu) == (True, False)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert mixed_precision("auto") == (False, False)  # a torch without the probes: fp32
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert mixed_precision("auto", on_gpu=False) == (False, False)  # a torch without the probes: fp32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert mixed_precision("auto") == (True, False)
-    assert mixed_precision("auto", cpu_only=True) == (False, False)  # the CPU above has no BF16
+    assert mixed_precision("auto", on_gpu=True) == (True, False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert mixed_precision("auto", on_gpu=True) == (False, False)
 
 
 def test_auto_bf16_on_a_cpu_reaches_training_arguments_only_with_use_cpu(monkeypatch, tmp_path):

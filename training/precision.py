@@ -12,13 +12,13 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
-def mixed_precision(precision: str, *, cpu_only: bool = False) -> tuple[bool, bool]:
-    """(bf16, fp16) flags. `auto` means bf16 on a GPU that has it, and on a CPU with native BF16
-    (`cpu_has_native_bf16`); fp32 elsewhere. `cpu_only`: the run stays on the CPU even where a
-    GPU is present (the vision stage), so only the CPU decides. Measured on a 2-core AMD EPYC with AVX-512 BF16, 30
-    sft steps of the demo (batch 8): fp32 30.8 s, bf16 autocast 23.9 s, loss 1.912 vs 1.916."""
+def mixed_precision(precision: str, *, on_gpu: bool, cpu_bf16: bool = True) -> tuple[bool, bool]:
+    """(bf16, fp16) flags for a run on the GPU or not. `auto` means bf16 on a GPU that has it, and
+    on a CPU with native BF16 (`cpu_has_native_bf16`) when the run may autocast there
+    (`cpu_bf16`); fp32 elsewhere. Measured on a 2-core AMD EPYC with AVX-512 BF16, 30 sft steps
+    of the demo (batch 8): fp32 30.8 s, bf16 autocast 23.9 s, loss 1.912 vs 1.916."""
     if precision == "auto":
-        if torch.cuda.is_available() and not cpu_only:
+        if on_gpu:
             return bool(torch.cuda.is_bf16_supported()), False
-        return cpu_has_native_bf16(), False
+        return cpu_bf16 and cpu_has_native_bf16(), False
     return precision == "bf16", precision == "fp16"

@@ -43,12 +43,11 @@ log = logging.getLogger("eyecare_edge.training")
 
 def training_arguments_kwargs(opts: TrainOptions, *, progress: bool = True) -> dict[str, Any]:
     """The TrainingArguments for `opts`, as keyword arguments (pure: testable without a run)."""
-    use_cpu = not torch.cuda.is_available() and opts.deepspeed is None
+    on_gpu = torch.cuda.is_available()
+    use_cpu = not on_gpu and opts.deepspeed is None
     # TrainingArguments takes bf16 without a GPU only with use_cpu: DeepSpeed on a CUDA-less machine
     # keeps `auto` at fp32 (an explicit --precision bf16 gets transformers' own error)
-    bf16, fp16 = mixed_precision(opts.precision, cpu_only=use_cpu)
-    if opts.precision == "auto" and not torch.cuda.is_available() and not use_cpu:
-        bf16 = False
+    bf16, fp16 = mixed_precision(opts.precision, on_gpu=on_gpu, cpu_bf16=use_cpu)
     epochs = opts.epochs if opts.epochs is not None else 1.0
     return {
         "output_dir": str(opts.out),

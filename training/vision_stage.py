@@ -202,8 +202,9 @@ def init_position_embedding_sincos(model) -> None:
 
     Why: the random table (std 1/sqrt(width) = 0.09 in `tiny`) is small against the patch signal
     (unit variance after `init_patch_embedding_pca`, ~0.5-1 from the random filters on normalised
-    pixels), and laterality is *where* the disc is. Measured (400 phantom images, 200 steps, held-out eye head / single-token probe, n=31):
-    random table 61/45%, sin-cos 65/61%, sin-cos + per-token label loss 81/90%."""
+    pixels), and laterality is *where* the disc is. Measured (400 phantom images, 200 steps,
+    held-out eye head / single-token probe, n=31): random table 61/45%, sin-cos 65/61%, sin-cos +
+    per-token label loss 81/90%."""
     pe = model.vision_tower.embeddings.position_embedding
     n, d = pe.weight.shape
     side = math.isqrt(n)
@@ -340,7 +341,7 @@ def run_vision_stage(opts, *, progress: bool = True):
 
     # bf16 autocast where `train --precision` resolves to it (auto: a CPU with native BF16; this
     # stage runs on the CPU)
-    bf16 = mixed_precision(opts.precision, cpu_only=True)[0]
+    bf16 = mixed_precision(opts.precision, on_gpu=False)[0]
     gen = torch.Generator().manual_seed(opts.seed)
     order: list[int] = []
     history: list[tuple[int, float]] = []
@@ -361,21 +362,22 @@ def run_vision_stage(opts, *, progress: bool = True):
             tokens = model.connector.channels(model.vision_tower(_augment(pix, gen)))
             logits = heads(_per_image(pool_tokens(tokens), owner, len(idx)))
             loss = sum(
-                nn.functional.cross_entropy(lg.float(), targets[:, k], weight=weights[k], ignore_index=-100)
+                nn.functional.cross_entropy(lg, targets[:, k], weight=weights[k], ignore_index=-100)
                 for k, lg in enumerate(logits)
                 if bool((targets[:, k] != -100).any())
             )
             if opts.token_loss_weight > 0:  # every token learns to carry its image's labels
                 probe_loss = opts.token_loss_weight * probes.loss(tokens, owner, targets)
+                tower_loss = loss + probe_loss  # what trains the tower, and what is logged
             else:  # the probes only read the tokens; the tower does not see their loss
                 probe_loss = probes.loss(tokens.detach(), owner, targets)
+                tower_loss = loss
         optim.zero_grad(set_to_none=True)
         (loss + probe_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
         seen += len(idx)
         if step == 0 or (step + 1) % opts.logging_steps == 0 or step + 1 == steps:
-            tower_loss = loss + probe_loss if opts.token_loss_weight > 0 else loss  # what trains it
             history.append((step + 1, float(tower_loss.detach())))
             if progress:
                 log.info("vision step %d/%d: loss %.4f", step + 1, steps, history[-1][1])

@@ -34,6 +34,7 @@ from eyecare_edge.phantom.dataset import (
     encode_image,
     make_phantom_dataset,
     plan_split,
+    scale_size,
 )
 from eyecare_edge.phantom.drawing import (
     draw_fundus,
@@ -105,6 +106,7 @@ __all__ = [
     "sample_fundus_truth",
     "sample_oct_size",
     "sample_oct_truth",
+    "scale_size",
     "truth_from_record",
     "truth_record",
 ]

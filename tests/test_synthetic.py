@@ -189,6 +189,26 @@ def test_single_turn_mode_writes_one_sample_per_closed_question(tmp_path):
     assert ds.n_bench_images == 0 and ds.bench_jsonl.read_text() == ""
 
 
+def test_image_scale_shrinks_the_images_and_keeps_the_truth(tmp_path):
+    full = S.make_phantom_dataset(tmp_path / "full", 6, 3)
+    half = S.make_phantom_dataset(tmp_path / "half", 6, 3, image_scale=0.5)
+    assert half.train_json.read_text() == full.train_json.read_text()
+    assert half.bench_jsonl.read_text() == full.bench_jsonl.read_text()
+    for a, b in zip(_jsonl(full.truth_jsonl), _jsonl(half.truth_jsonl), strict=True):
+        assert b["truth"] == a["truth"] and b["questions"] == a["questions"]
+        assert (b["width"], b["height"]) == S.scale_size((a["width"], a["height"]), 0.5)
+        assert abs(b["width"] - a["width"] / 2) <= 1 and abs(b["height"] - a["height"] / 2) <= 1
+        img = cv2.imread(str(half.root / b["image"]), cv2.IMREAD_UNCHANGED)
+        assert img.shape[:2] == (b["height"], b["width"])
+        if b["modality"] == "fundus":  # the lesions, disc and macula are where the truth says
+            _check_fundus_pixels(img[:, :, ::-1], b)
+        else:
+            _check_oct_pixels(img, b)
+    assert "--image-scale 0.5" in half.readme.read_text()
+    with pytest.raises(ValueError, match="image_scale"):
+        S.make_phantom_dataset(tmp_path / "bad", 2, 1, image_scale=0.1)
+
+
 def test_reports_have_exactly_the_three_sections(data):
     reports = [r["answer"] for r in data["bench"] if r["task"] == "report"]
     reports += [s["conversations"][1]["value"] for s in data["train"] if s["id"].endswith("-report")]
@@ -537,6 +557,8 @@ def test_cli_writes_the_files_and_prints_a_summary(tmp_path):
     assert "Example" in help_text and "eyecare-edge synth --out" in help_text
     assert runner.invoke(main, ["synth", "--out", str(out), "--n", "0"]).exit_code == 2
     assert runner.invoke(main, ["synth", "--n", "3"]).exit_code == 2
+    bad = runner.invoke(main, ["synth", "--out", str(out), "--n", "2", "--image-scale", "5"])
+    assert bad.exit_code == 2 and "--image-scale" in bad.output and "image_scale must be in" in bad.output
 
 
 def test_generator_and_command_import_no_torch():

@@ -57,6 +57,14 @@ from eyecare_edge.errors import EyecareError
     is_flag=True,
     help="One training sample per closed question instead of one multi-turn conversation per image.",
 )
+@click.option(
+    "--image-scale",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Multiply every image's size (fundus 400-1000 px wide, OCT 300-800 px at 1; 0.25 to 2); "
+    "the ground truth is the same at any scale.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def synth(
     out_dir: Path,
@@ -65,6 +73,7 @@ def synth(
     bench_fraction: float,
     fundus_fraction: float,
     single_turn: bool,
+    image_scale: float,
     as_json: bool,
 ) -> None:
     """Write phantom (synthetic, labelled as such) fundus and OCT data with exact ground truth.
@@ -84,9 +93,12 @@ def synth(
             bench_fraction=bench_fraction,
             fundus_fraction=fundus_fraction,
             multi_turn=not single_turn,
+            image_scale=image_scale,
         )
     except OSError as e:
         raise EyecareError(f"could not write phantom data to {out_dir}: {e}") from e
+    except ValueError as e:  # the one value click does not range-check (image_scale's bounds)
+        raise click.BadParameter(str(e), param_hint="--image-scale") from e
     if as_json:
         click.echo(
             json.dumps(

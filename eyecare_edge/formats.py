@@ -31,9 +31,12 @@ Prefer = Literal["cpu", "gpu", "any"]
 VISION_BACKENDS = ("tensorrt", "ort-cuda", "ort-cpu", "openvino")
 GPU_BACKENDS = ("tensorrt", "ort-cuda")
 LLM_BACKEND = "llama.cpp"
-# llama.cpp KV cache types `--kv-type` offers ("q8_0" needs flash attention); f16 is the default.
+# llama.cpp KV cache types ("q8_0" needs flash attention); f16 is what `LLMOptions` takes unless
+# told. `--kv-type` and the Pipeline also take "auto" (their default): the context size decides
+# (`pipeline.plan.choose_kv_cache`).
 KV_CACHE_TYPES = ("f16", "f32", "q8_0", "bf16")
 DEFAULT_KV_CACHE_TYPE = "f16"
+KV_CACHE_CHOICES = ("auto", *KV_CACHE_TYPES)
 # transformers dtypes the PyTorch reference runs in (`perf --references`, training/reference.py).
 REFERENCE_DTYPES = ("fp32", "bf16", "fp16")
 

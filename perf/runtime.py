@@ -330,7 +330,12 @@ def measure_pipeline(
             "llm_precision": pipe.llm_entry.precision,
             "n_ctx": pipe.lm.n_ctx,
             "n_batch": pipe.lm.n_batch,
-            "options": {k: v for k, v in pipe.options.__dict__.items() if not k.startswith("_")},
+            # with kv_type/flash_attn as llama.cpp got them (the Pipeline resolves kv_type "auto")
+            "options": {
+                **{k: v for k, v in pipe.options.__dict__.items() if not k.startswith("_")},
+                "kv_type": pipe.lm.options.kv_type,
+                "flash_attn": pipe.lm.options.flash_attn,
+            },
             "preprocess": {"max_tiles": pipe.preprocess.max_tiles, "anyres_max": pipe.preprocess.anyres_max},
             "vision_chunk": vision_chunk,
             "load_s": load_s,

@@ -245,7 +245,17 @@ def render_token_table(token_rows: list[dict], summary: dict) -> list[str]:
         "",
         "Visual-token budgets x reduction method (full depth; accuracy on the --accuracy-bundle bench)",
     ]
-    header = ["budget", "tiles", "tokens", "vision s", "prefill s", "TTFT s", "peak RSS", "accuracy [95% CI]"]
+    header = [
+        "budget",
+        "tiles",
+        "tokens",
+        "vision s",
+        "prefill s",
+        "TTFT s",
+        "decode tok/s",
+        "peak RSS",
+        "accuracy [95% CI]",
+    ]
     table = []
     for r in rows:
         s = r.speed
@@ -258,6 +268,7 @@ def render_token_table(token_rows: list[dict], summary: dict) -> list[str]:
                 _f(s and s.vision_ms_full and s.vision_ms_full / 1000, "{:.1f}"),
                 _f(s and s.prefill_ms_full and s.prefill_ms_full / 1000, "{:.1f}"),
                 _f(s and s.ttft_ms_full and s.ttft_ms_full / 1000, "{:.1f}"),
+                _f(s and s.decode_tok_s_full, "{:.1f}"),
                 _f(rss_full and rss_full / 1e9, "{:.2f} GB"),
                 _accuracy_cell(r),
             ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from eyecare_edge.perf.depth import Model, split_ttft, ttft_full
+from eyecare_edge.perf.depth import Model, kv_bytes, split_ttft, ttft_full
 from eyecare_edge.perf.rows import ABSENT_WHEN_NONE, Row
 from eyecare_edge.perf.sections import rss_figures
 
@@ -66,6 +66,10 @@ class TokenSpeed(Row):
     peak_rss_bytes: float | None
     peak_rss_bytes_full: float | None
     peak_rss_over_bundle_full: float | None
+    # KV variant rows decode KV_DECODE_TOKENS (measured, and scaled to full depth by the bytes a
+    # token reads: weights + KV cache, as `sections.llm_figures` does); absent elsewhere
+    decode_tok_s: float | None = field(default=None, metadata=ABSENT_WHEN_NONE)
+    decode_tok_s_full: float | None = field(default=None, metadata=ABSENT_WHEN_NONE)
 
 
 @dataclass
@@ -126,6 +130,15 @@ def _speed(res: dict, model: Model, encode: dict[int, float]) -> TokenSpeed:
     parts.decode_preprocess_ms += layout
     parts.vision_ms = encode.get(res["n_tiles"], parts.vision_ms - layout)
     mem = rss_figures(res, model)
+    decode = res.get("decode_tok_s")
+    decode_full = None
+    wb = model.gguf.get(res.get("llm_precision"))
+    if decode and wb is not None:
+        kv = kv_bytes(res.get("options"))
+        n = res["n_prompt"]
+        decode_full = (
+            decode * model.decode_bytes(wb, n, kv, full=False) / model.decode_bytes(wb, n, kv, full=True)
+        )
     return TokenSpeed(
         layout_ms=layout,
         n_tiles=res["n_tiles"],
@@ -141,6 +154,8 @@ def _speed(res: dict, model: Model, encode: dict[int, float]) -> TokenSpeed:
         peak_rss_bytes=mem.peak_rss_bytes if mem else None,
         peak_rss_bytes_full=mem.peak_rss_bytes_full if mem else None,
         peak_rss_over_bundle_full=mem.peak_rss_over_bundle_full if mem else None,
+        decode_tok_s=decode,
+        decode_tok_s_full=decode_full,
     )
 
 
@@ -201,7 +216,10 @@ def token_summary(rows: list[TokenRow]) -> tuple[dict, dict]:
         return r.accuracy.accuracy if r is not None and r.accuracy is not None else None
 
     acc_default, acc_full = accuracy(default), accuracy(full)
-    kv = {r.kv: r.speed for r in rows if r.kv and r.speed is not None}
+    kv: dict[str, dict[str, TokenSpeed]] = {}
+    for r in rows:
+        if r.kv and r.speed is not None:
+            kv.setdefault(r.name, {})[r.kv] = r.speed
     ratios = {
         "ttft_default_over_full": over(default),
         "ttft_fast_over_full": over(fast),
@@ -215,8 +233,17 @@ def token_summary(rows: list[TokenRow]) -> tuple[dict, dict]:
         "default": default.name if default else None,
         "fast": fast_name,
         "kv_variants": {
-            k: {"ttft_ms_full": v.ttft_ms_full, "peak_rss_bytes_full": v.peak_rss_bytes_full}
-            for k, v in kv.items()
+            budget: {
+                k: {
+                    "ttft_ms_full": v.ttft_ms_full,
+                    "peak_rss_bytes_full": v.peak_rss_bytes_full,
+                    "peak_rss_over_bundle_full": v.peak_rss_over_bundle_full,
+                    "decode_tok_s": v.decode_tok_s,
+                    "decode_tok_s_full": v.decode_tok_s_full,
+                }
+                for k, v in variants.items()
+            }
+            for budget, variants in kv.items()
         },
     }
     return summary, ratios

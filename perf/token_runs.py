@@ -16,7 +16,7 @@ def measure_token_budgets(
     `token_repeats` asks), closed-QA accuracy per budget on --accuracy-bundle, then the KV cache
     variants at the default budget the rule picks."""
     from eyecare_edge.perf.token_report import Candidate, choose_default
-    from eyecare_edge.perf.tokens import KV_VARIANTS, pipeline_overrides, token_grid
+    from eyecare_edge.perf.tokens import KV_DECODE_TOKENS, KV_VARIANTS, pipeline_overrides, token_grid
 
     from eyecare_edge.images import load_image
     from eyecare_edge.preprocess import plan_image
@@ -27,7 +27,7 @@ def measure_token_budgets(
     base = {"n_threads": opts.threads, "vision_threads": opts.threads}
     bundle_tiles = manifest.preprocess_config().max_tiles
 
-    def timed(name: str, overrides: dict) -> dict:
+    def timed(name: str, overrides: dict, n_decode: int = 1) -> dict:
         return runner.child(
             f"tokens {name}",
             "eyecare_edge.perf.runtime:measure_pipeline",
@@ -35,7 +35,7 @@ def measure_token_budgets(
                 "bundle": str(bundle),
                 "image": str(image),
                 "question": opts.question,
-                "n_decode": 1,
+                "n_decode": n_decode,
                 "options": {**base, **overrides},
                 "time_box_s": box,
                 "repeats": opts.token_repeats,
@@ -90,6 +90,13 @@ def measure_token_budgets(
             (r for r in grid if r["visual_tokens"] == b["visual_tokens"] and r["method"] == b["method"]),
             grid[0],
         )
-    for label, change in KV_VARIANTS.items():
-        res = timed(f"{row['name']} {label}", {**pipeline_overrides(row, bundle_tiles), **change})
-        state.token_budgets.append({**row, "kv": label, "result": res})
+    # at the default budget, at half the tokens and at every token: the context length decides
+    # what flash attention and a quantized cache cost
+    half = next((r for r in grid if r["visual_tokens"] == 0.5 and r["method"] == row["method"]), None)
+    at = [row] + [r for r in (half, grid[0]) if r is not None and r is not row]
+    for r in at:
+        for label, change in KV_VARIANTS.items():
+            res = timed(
+                f"{r['name']} {label}", {**pipeline_overrides(r, bundle_tiles), **change}, KV_DECODE_TOKENS
+            )
+            state.token_budgets.append({**r, "kv": label, "result": res})

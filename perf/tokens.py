@@ -19,11 +19,16 @@ from eyecare_edge.reduce import METHODS, NAMED_BUDGETS
 
 TOKEN_FRACTIONS = (0.5, 0.25, 0.15, 0.1)
 TOKEN_METHODS = METHODS
-# KV cache variants timed at the default budget: label -> PipelineOptions changes.
+# KV cache variants timed at the default budget and at every token, with decode: label ->
+# PipelineOptions changes. `kv f16` pins what was the default before `auto` (F16, no flash).
 KV_VARIANTS: dict[str, dict] = {
+    "kv f16": {"kv_type": "f16", "flash_attn": False},
     "kv f16 + flash": {"kv_type": "f16", "flash_attn": True},
     "kv q8_0 + flash": {"kv_type": "q8_0", "flash_attn": True},
 }
+# Answer tokens decoded in each KV variant's run (decode speed depends on the KV type and on
+# flash attention, the prefill rows decode one token only)
+KV_DECODE_TOKENS = 32
 
 # Question types by keywords of the question (for records without a `kind`/`question_type`).
 _TYPES: tuple[tuple[str, tuple[str, ...]], ...] = (

@@ -115,7 +115,7 @@ def test_click_choices_and_defaults_equal_the_tables():
     for command in (ask, screen, serve):
         assert _choices(command, "vision") == ["auto", *VISION_BACKENDS]
         assert _choices(command, "vision_precision") == ["auto", *format_names("vision")]
-        assert _choices(command, "kv_type") == list(KV_CACHE_TYPES)
+        assert _choices(command, "kv_type") == ["auto", *KV_CACHE_TYPES]
         assert _choices(command, "token_reduction") == list(METHODS)
     assert _choices(bench, "token_reduction") == list(METHODS)
     assert _choices(inspect_images, "token_reduction") == list(METHODS)

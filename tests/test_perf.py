@@ -443,7 +443,7 @@ def test_run_perf_end_to_end_on_the_tiny_bundle(tiny_bundle, tiny_checkpoint, sm
         quick_probe=True,
         visual_tokens=(0.5,),
         token_methods=("pool",),
-        kv_variants=False,
+        kv_variants=True,
         token_repeats=1,
     )
     report = run_perf(opts)
@@ -474,8 +474,18 @@ def test_run_perf_end_to_end_on_the_tiny_bundle(tiny_bundle, tiny_checkpoint, sm
     ):
         assert report["ratios"][key] is not None and math.isfinite(report["ratios"][key]), key
     assert report["config"]["backends"]["llm_default"] == "q4_k_m"
-    tokens = {r["name"]: r for r in report["token_budgets"]}
+    kv = [r for r in report["token_budgets"] if r.get("kv")]
+    tokens = {r["name"]: r for r in report["token_budgets"] if not r.get("kv")}
     assert set(tokens) == {"full", "50% pool", "fast pool"}
+    # the KV cache variants at the default budget and at every token, each with decode measured
+    default = report["token_budget_summary"]["default"]
+    assert {(r["name"], r["kv"]) for r in kv} == {
+        (b, v) for b in {default, "50% pool", "full"} for v in ("kv f16", "kv f16 + flash", "kv q8_0 + flash")
+    }
+    for r in kv:  # tiny: measured at full depth, nothing extrapolated
+        assert r["decode_tok_s"] > 0 and r["decode_tok_s_full"] == pytest.approx(r["decode_tok_s"])
+    q8 = report["token_budget_summary"]["kv_variants"]["full"]["kv q8_0 + flash"]
+    assert q8["peak_rss_bytes_full"] > 0 and q8["decode_tok_s"] > 0
     assert tokens["50% pool"]["n_image_tokens"] < tokens["full"]["n_image_tokens"]
     assert tokens["full"]["n_prompt"] == ours["n_prompt"]
     assert all(r["accuracy_n"] == 2 and 0.0 <= r["accuracy"] <= 1.0 for r in tokens.values())

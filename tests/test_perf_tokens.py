@@ -61,7 +61,9 @@ def _token_raw() -> dict:
         "fast diverse": _speed(400, 3700.0, vision_ms=3000.0, n_ctx=1536, rss=0.8e9),
     }
     rows = [{**g, "result": speed[g["name"]]} for g in grid]
-    rows.append({**grid[1], "kv": "kv q8_0 + flash", "result": _speed(841, 8500.0, n_ctx=2048, rss=0.7e9)})
+    q8 = {**_speed(841, 8500.0, n_ctx=2048, rss=0.7e9), "decode_tok_s": 60.0, "llm_precision": "q4_k_m"}
+    q8["options"] = {"kv_type": "q8_0", "flash_attn": True}
+    rows.append({**grid[1], "kv": "kv q8_0 + flash", "result": q8})
     acc = {"full": 0.80, "25% pool": 0.795, "25% diverse": 0.79, "10% pool": 0.70, "10% diverse": 0.78}
     acc.update({"fast pool": 0.68, "fast diverse": 0.75})
     return _raw(
@@ -89,7 +91,9 @@ def test_default_budget_rule_ratios_and_table():
     assert r["peak_rss_over_bundle_full_tokens"] > r["peak_rss_over_bundle"]
     # a smaller KV cache (n_ctx from the budget) makes the full-depth RSS smaller too
     assert default["peak_rss_bytes_full"] < full["peak_rss_bytes_full"]
-    assert "kv q8_0 + flash" in summary["kv_variants"]
+    q8 = summary["kv_variants"]["25% pool"]["kv q8_0 + flash"]
+    assert q8["decode_tok_s"] == 60.0 and 0 < q8["decode_tok_s_full"] < 60.0  # 2 of 32 layers measured
+    assert q8["peak_rss_bytes_full"] == rows[("25% pool", "kv q8_0 + flash")]["peak_rss_bytes_full"]
     targets = {t["key"]: t for t in report["targets"]}
     assert targets["accuracy_delta_default_points"]["met"] is True
     text = render_table(report)

@@ -18,6 +18,7 @@ from eyecare_edge.bundle import read_manifest, write_manifest
 from eyecare_edge.cli import main
 from eyecare_edge.images import load_image
 from eyecare_edge.pipeline import Pipeline, default_n_ctx
+from eyecare_edge.pipeline.plan import KV_Q8_MAX_CTX, choose_kv_cache
 from eyecare_edge.qa.loaders import load_bench
 from eyecare_edge.reduce import TokenBudget
 
@@ -148,6 +149,26 @@ def test_baked_budget_applies_unless_overridden_and_sizes_n_ctx(assets, tmp_path
     assert default_n_ctx(m, cfg, TokenBudget(0.2)) < default_n_ctx(m, cfg)
     with pytest.raises(Exception, match="fraction"):
         Pipeline.load(bundle, visual_tokens=2.5, **EXACT)
+
+
+def test_auto_kv_cache_is_q8_0_with_flash_on_the_cpu_up_to_the_measured_context(assets, records):
+    small, big = KV_Q8_MAX_CTX, KV_Q8_MAX_CTX + 256
+    assert choose_kv_cache("auto", None, small, on_gpu=False) == ("q8_0", True)
+    assert choose_kv_cache("auto", None, big, on_gpu=False) == ("f16", None)
+    assert choose_kv_cache("auto", False, small, on_gpu=False) == ("f16", False)  # no flash: no q8_0
+    assert choose_kv_cache("auto", None, small, on_gpu=True) == ("f16", None)  # llama.cpp's GPU choice
+    assert choose_kv_cache("f32", None, small, on_gpu=False) == ("f32", None)  # asked for: kept
+    path, qs = _one_image(records)
+    answers = {}
+    for n_ctx, want in ((None, ("q8_0", True)), (big, ("f16", None))):
+        with Pipeline.load(assets.bundle, n_ctx=n_ctx, **FAST) as pipe:
+            assert pipe.lm.n_ctx <= small or n_ctx == big
+            assert (pipe.lm.options.kv_type, pipe.lm.options.flash_attn) == want
+            assert f"KV {want[0]}" in pipe.describe()
+            answers[want[0]] = pipe.ask(path, qs[0], max_tokens=16)
+    # the quantized cache answers, and a closed question keeps its option
+    assert answers["q8_0"].stop_reason in ("eog", "stop_string")
+    assert answers["q8_0"].text[:1] == answers["f16"].text[:1]
 
 
 def test_position_schemes_measurement_is_exact_at_full_budget(assets):

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from eyecare_edge.formats import KV_CACHE_TYPES, VISION_BACKENDS, format_names
+from eyecare_edge.formats import KV_CACHE_CHOICES, VISION_BACKENDS, format_names
 from eyecare_edge.pipeline.options import PipelineOptions
 from eyecare_edge.pipeline.plan import TEXT_ROOM
 from eyecare_edge.reduce import METHODS
@@ -119,8 +119,9 @@ PIPELINE_FLAGS: dict[str, Flag] = _flags(
     Flag(
         "kv_type",
         ("--kv-type",),
-        "llama.cpp KV cache type (q8_0 needs flash attention).",
-        click.Choice(KV_CACHE_TYPES),
+        "llama.cpp KV cache type [auto: q8_0 with flash attention on the CPU up to a measured n_ctx, "
+        "else f16] (q8_0 needs flash attention).",
+        click.Choice(KV_CACHE_CHOICES),
         DEFAULTS["kv_type"],
         True,
     ),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from eyecare_edge.formats import DEFAULT_KV_CACHE_TYPE
 from eyecare_edge.image_source import DEFAULT_MAX_PIXELS
 
 
@@ -23,7 +22,8 @@ class PipelineOptions:
         physical cores). n_gpu_layers: LLM layers offloaded to a GPU build of llama.cpp (None: all
         when the build can offload, else 0; -1 all; 0 CPU only).
     kv_type, flash_attn, n_batch, repack: llama.cpp settings (see `LLMOptions`; flash_attn None =
-        auto: llama.cpp's choice on a GPU, off on the CPU).
+        auto: llama.cpp's choice on a GPU, off on the CPU). kv_type "auto": a Q8_0 cache with
+        flash attention on the CPU when n_ctx is small enough, else F16 (`plan.choose_kv_cache`).
     fundus_crop: crop colour fundus photos to their circular field of view before tiling.
     max_tiles: token budget: at most this many patch tiles per image (None: the bundle's).
     visual_tokens: visual tokens the LLM reads per image: a count (800), a fraction of the
@@ -43,7 +43,7 @@ class PipelineOptions:
     n_threads: int | None = None
     vision_threads: int | None = None
     n_gpu_layers: int | None = None
-    kv_type: str = DEFAULT_KV_CACHE_TYPE
+    kv_type: str = "auto"
     flash_attn: bool | None = None
     n_batch: int = 512
     repack: bool = False

@@ -41,10 +41,11 @@ import numpy as np
 from eyecare_edge.bundle import BundleError, FileEntry, Manifest, read_manifest, require_valid
 from eyecare_edge.images import crop_fundus_fov
 from eyecare_edge.llm import LlamaCppLM, LLMOptions
+from eyecare_edge.llm.device import resolve_gpu_layers
 from eyecare_edge.pipeline.image_prefix import ImagePrefix, prefix_cache_key, restore_prefix, save_prefix
 from eyecare_edge.pipeline.inputs import ImageInput, ImageSource, decode_inputs, decode_source
 from eyecare_edge.pipeline.options import Answer, PipelineOptions
-from eyecare_edge.pipeline.plan import choose_llm, default_n_ctx, token_budget
+from eyecare_edge.pipeline.plan import choose_kv_cache, choose_llm, default_n_ctx, token_budget
 from eyecare_edge.prefix_cache import PrefixCache
 from eyecare_edge.preprocess import PreprocessConfig, TilePlan, preprocess_images
 from eyecare_edge.prompts import (
@@ -154,6 +155,9 @@ class Pipeline:
             progress=progress,
         )
         n_ctx = opts.n_ctx or default_n_ctx(manifest, preprocess, budget)
+        kv_type, flash_attn = choose_kv_cache(
+            opts.kv_type, opts.flash_attn, n_ctx, on_gpu=resolve_gpu_layers(opts.n_gpu_layers) != 0
+        )
         lm = LlamaCppLM(
             root / llm_entry.path,
             LLMOptions(
@@ -162,8 +166,8 @@ class Pipeline:
                 n_ubatch=opts.n_batch,
                 n_threads=opts.n_threads,
                 n_gpu_layers=opts.n_gpu_layers,
-                kv_type=opts.kv_type,
-                flash_attn=opts.flash_attn,
+                kv_type=kv_type,
+                flash_attn=flash_attn,
                 repack=opts.repack,
                 seed=opts.seed,
             ),
@@ -195,7 +199,8 @@ class Pipeline:
         were skipped), GGUF precision, the LLM's device and offloaded layers, context size."""
         return (
             f"{self.vision.describe()}; llm: llama.cpp {self.llm_entry.precision} "
-            f"({self.llm_entry.path}) on {self.lm.describe_device()}, n_ctx {self.lm.n_ctx}"
+            f"({self.llm_entry.path}) on {self.lm.describe_device()}, n_ctx {self.lm.n_ctx}, "
+            f"KV {self.lm.options.kv_type}{' + flash attention' if self.lm.options.flash_attn else ''}"
             + (
                 ""
                 if self.budget.is_full

@@ -14,7 +14,7 @@ def measure_token_budgets(
 ) -> None:
     """The budget x method table's raw rows: one TTFT child per budget (fastest of
     `token_repeats` asks), closed-QA accuracy per budget on --accuracy-bundle, then the KV cache
-    variants at the default budget the rule picks."""
+    variants (with decode) at the default budget the rule picks, at 50% and at every token."""
     from eyecare_edge.perf.token_report import Candidate, choose_default
     from eyecare_edge.perf.tokens import KV_DECODE_TOKENS, KV_VARIANTS, pipeline_overrides, token_grid
 

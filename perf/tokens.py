@@ -6,8 +6,9 @@ trained (demo) bundle under the same budgets, with 95% bootstrap intervals, over
 question type (fine lesions such as haemorrhages and microaneurysms are the first to suffer, so
 they are counted apart). The rule for the default budget is `token_report.choose_default`.
 
-The KV cache type is compared the same way, at the default budget (F16 vs Q8_0, which
-llama.cpp only supports with flash attention for V). This module holds the grid and the accuracy
+The KV cache type is compared the same way (F16, F16 + flash attention, Q8_0 + flash attention,
+which llama.cpp needs for a quantized V), with decode, at the default budget, at 50% and at every
+token: what `pipeline.plan.KV_Q8_MAX_CTX` was chosen from. This module holds the grid and the accuracy
 child; the report side (typed rows, the rule, the table) is `token_report`.
 """
 

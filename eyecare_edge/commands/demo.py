@@ -44,7 +44,10 @@ class DemoRecipe:
     # 13 note), so a few steps keep the stage and its connector init without paying for nothing
     align_steps: int = 20
     align_lr: float = 1e-3
-    # 240: reference 87.1% (sft 237 s); 300: 88.3% (+60 s) on the same align checkpoint (issue 13 note)
+    # 240: reference 87.1% (sft 237 s); 300: 88.3% (+60 s) on the same align checkpoint. Fewer steps
+    # lose more than the noise: on half-size phantoms (`synth --image-scale 0.5`), from the same
+    # align checkpoints, 180 steps gave 87.5, 83.8, 81.7% (sft seeds 0-2) and 79.2, 82.9% (another
+    # tower, seeds 0-1); 240 steps 87.1 and 86.7% (seed 0) (issue 13 note)
     train_steps: int = 240
     train_batch: int = 8
     train_lr: float = 1e-3

@@ -322,6 +322,7 @@ def bundle_plan(bundle: str | os.PathLike[str], available: dict[str, Backend], l
     manifest and the backends' readiness (nothing loaded; see the module docstring)."""
     from eyecare_edge.bundle import read_manifest
     from eyecare_edge.pipeline import choose_llm
+    from eyecare_edge.pipeline.plan import choose_kv_cache, default_n_ctx, token_budget
     from eyecare_edge.vision import candidates, cpu_precision_order, validated
 
     m = read_manifest(bundle)
@@ -343,6 +344,8 @@ def bundle_plan(bundle: str | os.PathLike[str], available: dict[str, Backend], l
             chosen = {"backend": name, "precision": p, "device": "GPU 0" if name != "ort-cpu" else "CPU"}
     llm_entry = choose_llm(m, "auto")
     offload = bool(llama.get("gpu_offload"))
+    n_ctx = default_n_ctx(m, m.preprocess_config(), token_budget(m))
+    kv_type, flash = choose_kv_cache("auto", None, n_ctx, on_gpu=offload)
     return {
         "path": str(bundle),
         "vision_onnx": sorted(have),
@@ -353,7 +356,9 @@ def bundle_plan(bundle: str | os.PathLike[str], available: dict[str, Backend], l
             "file": llm_entry.path,
             "device": f"GPU ({llama.get('build')}, all layers)" if offload else "CPU",
             "n_gpu_layers": -1 if offload else 0,
-            "flash_attn": "auto" if offload else "disabled",
+            "n_ctx": n_ctx,
+            "kv_type": kv_type,
+            "flash_attn": "enabled" if flash else "auto" if offload else "disabled",
         },
     }
 

@@ -42,7 +42,7 @@ from eyecare_edge import costs
 # Settings this benchmark proposes for the runtime's defaults (measured with `--proposed`, shown
 # next to "eyecare-edge default"): PipelineOptions overrides, tiles per vision call, environment.
 PROPOSED: dict = {
-    "options": {"repack": False, "flash_attn": False},
+    "options": {"repack": False},
     "vision_chunk": 1,
     "env": {"OMP_WAIT_POLICY": "PASSIVE"},
 }

@@ -16,6 +16,8 @@ from eyecare_edge.perf.runner import Runner
 # threads with OpenMP barriers, which spin while a sibling thread is descheduled.
 SWEEP: dict[str, tuple[dict, dict]] = {
     "default": ({}, {}),
+    # the default's KV cache follows n_ctx (`pipeline.plan.choose_kv_cache`): the other choice too
+    "kv f16, no flash": ({"kv_type": "f16", "flash_attn": False}, {}),
     "repack off": ({"repack": False}, {}),
     "flash attention": ({"flash_attn": True}, {}),
     "flash + q8_0 KV": ({"flash_attn": True, "kv_type": "q8_0"}, {}),

@@ -92,7 +92,8 @@ def measure_token_budgets(
         )
     # at the default budget, at half the tokens and at every token: the context length decides
     # what flash attention and a quantized cache cost
-    half = next((r for r in grid if r["visual_tokens"] == 0.5 and r["method"] == row["method"]), None)
+    method = row["method"] or "pool"  # the full-token row has none
+    half = next((r for r in grid if r["visual_tokens"] == 0.5 and r["method"] == method), None)
     at = [row] + [r for r in (half, grid[0]) if r is not None and r is not row]
     for r in at:
         for label, change in KV_VARIANTS.items():

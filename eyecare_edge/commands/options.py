@@ -128,7 +128,8 @@ PIPELINE_FLAGS: dict[str, Flag] = _flags(
     Flag(
         "flash_attn",
         ("--flash-attn/--no-flash-attn",),
-        "Flash attention [auto: llama.cpp's choice on a GPU, off on the CPU].",
+        "Flash attention [auto: llama.cpp's choice on a GPU; on the CPU on with --kv-type auto's Q8_0 "
+        "cache, else off].",
     ),
     Flag("fundus_crop", ("--crop-fov",), "Crop fundus photos to their circular field of view.", is_flag=True),
     Flag(

@@ -84,7 +84,13 @@ def synth(
     an Eyecare-Bench-style bench.jsonl (closed, open and report items), split by image.
     """
     from eyecare_edge.phantom import make_phantom_dataset
+    from eyecare_edge.phantom.dataset import MAX_IMAGE_SCALE, MIN_IMAGE_SCALE
 
+    if not MIN_IMAGE_SCALE <= image_scale <= MAX_IMAGE_SCALE:  # the one value click does not check
+        raise click.BadParameter(
+            f"must be in [{MIN_IMAGE_SCALE}, {MAX_IMAGE_SCALE}], got {image_scale}",
+            param_hint="--image-scale",
+        )
     try:
         ds = make_phantom_dataset(
             out_dir,
@@ -97,8 +103,6 @@ def synth(
         )
     except OSError as e:
         raise EyecareError(f"could not write phantom data to {out_dir}: {e}") from e
-    except ValueError as e:  # the one value click does not range-check (image_scale's bounds)
-        raise click.BadParameter(str(e), param_hint="--image-scale") from e
     if as_json:
         click.echo(
             json.dumps(

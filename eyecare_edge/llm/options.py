@@ -24,7 +24,8 @@ class LLMOptions:
     n_gpu_layers: layers offloaded to a GPU build of llama.cpp; None (default) = every layer when
     `llama_supports_gpu_offload()` (a CUDA/Metal/Vulkan build), else 0; -1 = all; 0 = CPU only.
     flash_attn: None (default) = auto: llama.cpp's own per-device choice when layers are offloaded,
-    off on the CPU (measured there: no gain, see perf.run.PROPOSED); True/False force it.
+    off on the CPU (the Pipeline's kv_type "auto" turns it on with a Q8_0 cache,
+    `pipeline.plan.choose_kv_cache`); True/False force it.
     n_threads / n_threads_batch: None means the number of physical cores this process may use
     (SMT siblings share the FMA units that decode and prefill saturate). kv_type: element type
     of the K and V caches; "q8_0" needs flash attention (llama.cpp quantizes V only inside its

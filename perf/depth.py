@@ -67,6 +67,11 @@ class Model:
         shape = self.llm_full if full else self.llm
         return wb.per_token(shape.layers) + shape.kv_bytes(context, kv)
 
+    def decode_scale(self, wb: costs.WeightBytes, context: int, kv: float) -> float:
+        """Measured decode tok/s times this = at full depth: decode reads every weight and the KV
+        cache once a token, so its speed scales with the bytes read."""
+        return self.decode_bytes(wb, context, kv, full=False) / self.decode_bytes(wb, context, kv, full=True)
+
     def weight_bytes(self, system: str) -> costs.WeightBytes | None:
         """WeightBytes of `fp32`/`bf16` (transformers) or a GGUF type."""
         if system in ("fp32", "bf16", "fp16"):

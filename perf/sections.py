@@ -93,7 +93,7 @@ def llm_figures(model: Model, row: dict, wb: costs.WeightBytes | None, kv: float
             b_full = model.decode_bytes(wb, context, kv, full=True)
             bound = costs.decode_bound_tok_s(model.bandwidth, b_meas)
             out.decode.bounds = DecodeBounds(
-                decode_tok_s_full=r * b_meas / b_full,
+                decode_tok_s_full=r * model.decode_scale(wb, context, kv),
                 decode_bytes_per_token=b_meas,
                 decode_bytes_per_token_full=b_full,
                 decode_bound_tok_s=bound,

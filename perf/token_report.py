@@ -131,14 +131,12 @@ def _speed(res: dict, model: Model, encode: dict[int, float]) -> TokenSpeed:
     parts.vision_ms = encode.get(res["n_tiles"], parts.vision_ms - layout)
     mem = rss_figures(res, model)
     decode = res.get("decode_tok_s")
-    decode_full = None
     wb = model.gguf.get(res.get("llm_precision"))
-    if decode and wb is not None:
-        kv = kv_bytes(res.get("options"))
-        n = res["n_prompt"]
-        decode_full = (
-            decode * model.decode_bytes(wb, n, kv, full=False) / model.decode_bytes(wb, n, kv, full=True)
-        )
+    decode_full = (
+        decode * model.decode_scale(wb, res["n_prompt"], kv_bytes(res.get("options")))
+        if decode and wb is not None
+        else None
+    )
     return TokenSpeed(
         layout_ms=layout,
         n_tiles=res["n_tiles"],

@@ -170,7 +170,7 @@ generator version {version}) from randomly sampled ground truth: colour fundus p
 cotton-wool spots, drusen; DR grade derived from the lesions) and OCT B-scans (retinal layers;
 normal, fluid pocket, drusen). They are test and demo data for eyecare-edge.
 
-Made with: eyecare-edge synth --n {n} --seed {seed} --bench-fraction {bench_fraction} --fundus-fraction {fundus_fraction}{turns}
+Made with: eyecare-edge synth --n {n} --seed {seed} --bench-fraction {bench_fraction} --fundus-fraction {fundus_fraction}{flags}
   (the same command writes byte-identical files)
 
 Files
@@ -216,10 +216,7 @@ def make_phantom_dataset(
         raise ValueError(f"fundus_fraction must be in [0, 1], got {fundus_fraction!r}")
     if n > 999_999:
         raise ValueError(f"n must be at most 999999 (six-digit phantom ids), got {n}")
-    if not MIN_IMAGE_SCALE <= image_scale <= MAX_IMAGE_SCALE:
-        raise ValueError(
-            f"image_scale must be in [{MIN_IMAGE_SCALE}, {MAX_IMAGE_SCALE}], got {image_scale!r}"
-        )
+    check_image_scale(image_scale)
     t0 = time.perf_counter()
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
@@ -332,7 +329,7 @@ def make_phantom_dataset(
             seed=seed,
             bench_fraction=bench_fraction,
             fundus_fraction=fundus_fraction,
-            turns=("" if multi_turn else " --single-turn")
+            flags=("" if multi_turn else " --single-turn")
             + ("" if image_scale == 1.0 else f" --image-scale {image_scale:g}"),
             n_train=n - n_bench_images,
             n_bench=n_bench_images,
@@ -355,6 +352,12 @@ def make_phantom_dataset(
         bench_counts=bench_counts,
         seconds=time.perf_counter() - t0,
     )
+
+
+def check_image_scale(scale: float) -> None:
+    """ValueError unless MIN_IMAGE_SCALE <= scale <= MAX_IMAGE_SCALE (`synth` checks it first)."""
+    if not MIN_IMAGE_SCALE <= scale <= MAX_IMAGE_SCALE:
+        raise ValueError(f"image_scale must be in [{MIN_IMAGE_SCALE}, {MAX_IMAGE_SCALE}], got {scale!r}")
 
 
 def scale_size(size: tuple[int, int], scale: float) -> tuple[int, int]:

@@ -558,7 +558,7 @@ def test_cli_writes_the_files_and_prints_a_summary(tmp_path):
     assert runner.invoke(main, ["synth", "--out", str(out), "--n", "0"]).exit_code == 2
     assert runner.invoke(main, ["synth", "--n", "3"]).exit_code == 2
     bad = runner.invoke(main, ["synth", "--out", str(out), "--n", "2", "--image-scale", "5"])
-    assert bad.exit_code == 2 and "--image-scale" in bad.output and "must be in [0.25, 2.0]" in bad.output
+    assert bad.exit_code == 2 and "--image-scale" in bad.output and "image_scale must be in [0.25, 2.0]" in bad.output
 
 
 def test_generator_and_command_import_no_torch():

@@ -30,6 +30,12 @@ PROBES_FILE = "label_probes.safetensors"
 PROBES_META = "label_probes.json"
 
 
+def per_image_mean(per_tile: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """[T, F] -> [n, F]: the mean over each image's tiles (`owner[t]` = image of tile t)."""
+    out = torch.zeros((n, per_tile.shape[1]), dtype=per_tile.dtype).index_add(0, owner, per_tile)
+    return out / torch.bincount(owner, minlength=n).clamp(min=1).unsqueeze(1).to(per_tile.dtype)
+
+
 class TokenProbes(nn.Module):
     """One linear classifier per label column over a token's connector channels."""
 
@@ -63,8 +69,7 @@ class TokenProbes(nn.Module):
         out = []
         for logits in self(tokens):
             lp = torch.log_softmax(logits, dim=-1).mean(dim=1)  # [T, C]
-            per_image = torch.zeros((n_images, lp.shape[1]), dtype=lp.dtype).index_add(0, owner, lp)
-            out.append(per_image.argmax(dim=-1))
+            out.append(per_image_mean(lp, owner, n_images).argmax(dim=-1))
         return out
 
     def directions(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 from eyecare_edge.training.checkpoint import load_checkpoint, save_checkpoint
-from eyecare_edge.training.label_probes import PROBES_FILE, TokenProbes, save_probes
+from eyecare_edge.training.label_probes import PROBES_FILE, TokenProbes, per_image_mean, save_probes
 from eyecare_edge.training.labels import (
     LabelSkips,
     class_vocab,
@@ -147,12 +147,6 @@ def balanced_class_weights(targets: torch.Tensor, n_classes: list[int]) -> list[
     return out
 
 
-def _per_image(tile_feats: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
-    out = torch.zeros((n, tile_feats.shape[1]), dtype=tile_feats.dtype)
-    out = out.index_add(0, owner, tile_feats)
-    return out / torch.bincount(owner, minlength=n).clamp(min=1).unsqueeze(1).to(tile_feats.dtype)
-
-
 def _augment(pixels: torch.Tensor, gen: torch.Generator, max_shift: int = 8) -> torch.Tensor:
     """Brightness/contrast jitter and a shift of up to `max_shift` px per tile; no flips (a flip
     changes laterality and disc side). On a few hundred images a from-scratch tower otherwise
@@ -235,7 +229,7 @@ def evaluate_heads(
         idx = list(range(s, min(n, s + batch)))
         pix, owner, _ = _batch(images, idx)
         tokens = model.connector.channels(model.vision_tower(pix))
-        logits = heads(_per_image(pool_tokens(tokens), owner, len(idx)))
+        logits = heads(per_image_mean(pool_tokens(tokens), owner, len(idx)))
         for k, lg in enumerate(logits):
             preds[k].append(lg.argmax(dim=-1))
         for k, p in enumerate(probes.predict(tokens, owner, len(idx))):
@@ -360,7 +354,7 @@ def run_vision_stage(opts, *, progress: bool = True):
         heads.train()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             tokens = model.connector.channels(model.vision_tower(_augment(pix, gen)))
-            logits = heads(_per_image(pool_tokens(tokens), owner, len(idx)))
+            logits = heads(per_image_mean(pool_tokens(tokens), owner, len(idx)))
             loss = sum(
                 nn.functional.cross_entropy(lg, targets[:, k], weight=weights[k], ignore_index=-100)
                 for k, lg in enumerate(logits)

@@ -84,13 +84,12 @@ def synth(
     an Eyecare-Bench-style bench.jsonl (closed, open and report items), split by image.
     """
     from eyecare_edge.phantom import make_phantom_dataset
-    from eyecare_edge.phantom.dataset import MAX_IMAGE_SCALE, MIN_IMAGE_SCALE
+    from eyecare_edge.phantom.dataset import check_image_scale
 
-    if not MIN_IMAGE_SCALE <= image_scale <= MAX_IMAGE_SCALE:  # the one value click does not check
-        raise click.BadParameter(
-            f"must be in [{MIN_IMAGE_SCALE}, {MAX_IMAGE_SCALE}], got {image_scale}",
-            param_hint="--image-scale",
-        )
+    try:  # the one value click does not range-check, checked before anything is written
+        check_image_scale(image_scale)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--image-scale") from e
     try:
         ds = make_phantom_dataset(
             out_dir,

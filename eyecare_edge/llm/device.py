@@ -43,12 +43,17 @@ def resolve_gpu_layers(n_gpu_layers: int | None) -> int:
     return n_gpu_layers
 
 
+def offloads(n_gpu_layers: int) -> bool:
+    """True when llama.cpp will put layers on a GPU: some were asked for and the build can."""
+    return n_gpu_layers != 0 and gpu_offload_supported()
+
+
 def resolve_flash_attn(flash_attn: bool | None, n_gpu_layers: int) -> str:
     """"enabled", "disabled" or "auto" (llama.cpp decides per device): None means auto when layers
     go to a GPU and disabled on the CPU."""
     if flash_attn is not None:
         return "enabled" if flash_attn else "disabled"
-    return "auto" if n_gpu_layers != 0 and gpu_offload_supported() else "disabled"
+    return "auto" if offloads(n_gpu_layers) else "disabled"
 
 
 @dataclass
@@ -81,7 +86,7 @@ def load_model(path: Path, mparams, n_gpu_layers: int | None, flash_attn: bool |
 
 def offloaded_layers(gpu_layers: int, n_layer: int) -> int:
     """Repeating layers llama.cpp put on a GPU (0 on a CPU-only build or with n_gpu_layers=0)."""
-    if not gpu_offload_supported() or gpu_layers == 0:
+    if not offloads(gpu_layers):
         return 0
     return n_layer if gpu_layers < 0 else min(gpu_layers, n_layer)
 

@@ -41,7 +41,7 @@ import numpy as np
 from eyecare_edge.bundle import BundleError, FileEntry, Manifest, read_manifest, require_valid
 from eyecare_edge.images import crop_fundus_fov
 from eyecare_edge.llm import LlamaCppLM, LLMOptions
-from eyecare_edge.llm.device import gpu_offload_supported, resolve_gpu_layers
+from eyecare_edge.llm.device import offloads, resolve_gpu_layers
 from eyecare_edge.pipeline.image_prefix import ImagePrefix, prefix_cache_key, restore_prefix, save_prefix
 from eyecare_edge.pipeline.inputs import ImageInput, ImageSource, decode_inputs, decode_source
 from eyecare_edge.pipeline.options import Answer, PipelineOptions
@@ -155,7 +155,7 @@ class Pipeline:
             progress=progress,
         )
         n_ctx = opts.n_ctx or default_n_ctx(manifest, preprocess, budget)
-        on_gpu = resolve_gpu_layers(opts.n_gpu_layers) != 0 and gpu_offload_supported()
+        on_gpu = offloads(resolve_gpu_layers(opts.n_gpu_layers))
         kv_type, flash_attn = choose_kv_cache(opts.kv_type, opts.flash_attn, n_ctx, on_gpu=on_gpu)
         lm = LlamaCppLM(
             root / llm_entry.path,

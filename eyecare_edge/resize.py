@@ -12,11 +12,19 @@ pass first, kernel support scaled by the shrink factor, coefficients normalised 
 (tests compare against Pillow on many sizes). Each pass is computed as small banded matrix
 products (exact for these integers, see `_pass`): a 3504x2336 photo shrinks to 1152x768 in about
 a quarter of a second on a loaded 2-core machine, half of the time a tap-by-tap loop took.
+
+Where Pillow is installed anyway (every training or export environment), `resize_bicubic` lets it
+run the two passes, one single-axis `resize` each, which gives the same bytes (a test holds the two
+paths equal): on the demo's 416x280 phantoms shrunk to 112 px, 1.0 ms an image against 3.2 ms, and
+the demo's stages resize each image 4-5 times. A single two-axis Pillow call would not do: Pillow
+13 runs the vertical pass first for some shapes, up to 2 levels away from the order used here.
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
+from types import ModuleType
 
 import numpy as np
 
@@ -133,12 +141,45 @@ def _pass(img: np.ndarray, out_size: int) -> np.ndarray:
     return out.reshape((out_size, *img.shape[1:]))
 
 
-def resize_bicubic(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize an (H, W, C) uint8 image to (height, width) exactly as Pillow's BICUBIC does."""
+@lru_cache(maxsize=1)
+def _pillow_image() -> ModuleType | None:
+    """PIL.Image where Pillow is installed (it is not a runtime dependency), else None."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    return Image
+
+
+def _check(rgb: np.ndarray, height: int, width: int) -> None:
     if rgb.dtype != np.uint8 or rgb.ndim != 3:
         raise ValueError(f"resize_bicubic expects an (H, W, C) uint8 array, got {rgb.dtype} {rgb.shape}")
     if height < 1 or width < 1:
         raise ValueError(f"target size must be positive, got {height}x{width}")
+
+
+def resize_bicubic(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize an (H, W, C) uint8 image to (height, width) exactly as Pillow's BICUBIC does
+    (horizontal pass first); by Pillow's own passes where it is installed, else in numpy."""
+    _check(rgb, height, width)
+    image = _pillow_image()
+    if image is None or rgb.shape[2] not in (1, 3):  # Pillow premultiplies alpha: not the same
+        return resize_bicubic_numpy(rgb, height, width)
+    squeeze = rgb.shape[2] == 1
+    im = image.fromarray(np.ascontiguousarray(rgb[..., 0] if squeeze else rgb))
+    # One axis per call, horizontal first: Pillow skips the pass whose size does not change.
+    bicubic = getattr(image, "Resampling", image).BICUBIC  # Pillow < 9.1 has no Resampling
+    if width != rgb.shape[1]:
+        im = im.resize((width, rgb.shape[0]), bicubic)
+    if height != rgb.shape[0]:
+        im = im.resize((width, height), bicubic)
+    out = np.array(im, dtype=np.uint8)
+    return out[..., None] if squeeze else out
+
+
+def resize_bicubic_numpy(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`resize_bicubic` in numpy alone: what runs where Pillow is not installed."""
+    _check(rgb, height, width)
     out = rgb
     # Pillow skips a pass whose size does not change (and then copies). The horizontal pass
     # runs on the transposed view (columns as rows), so both passes are the same row pass.

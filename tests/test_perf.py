@@ -534,13 +534,15 @@ def _resize_tap_by_tap(rgb, height, width):
         ((1, 5), (9, 1)),
     ],
 )
-def test_fast_resize_equals_the_tap_by_tap_algorithm(size, out):
-    from eyecare_edge.resize import resize_bicubic
+@pytest.mark.parametrize("path", ["pillow passes", "numpy"])
+def test_fast_resize_equals_the_tap_by_tap_algorithm(size, out, path):
+    from eyecare_edge.resize import resize_bicubic, resize_bicubic_numpy
 
+    resize = resize_bicubic if path == "pillow passes" else resize_bicubic_numpy
     rng = np.random.default_rng(sum(size) + sum(out))
     h, w = size
     smooth = rng.integers(0, 256, (max(h // 40, 2), max(w // 40, 2), 3), dtype=np.uint8)
     img = cv2.resize(smooth, (w, h), interpolation=cv2.INTER_CUBIC)
     img[::7] = 255  # hard edges: negative lobes and clipping at both ends
     img[:, ::11] = 0
-    np.testing.assert_array_equal(resize_bicubic(img, *out), _resize_tap_by_tap(img, *out))
+    np.testing.assert_array_equal(resize(img, *out), _resize_tap_by_tap(img, *out))

@@ -15,7 +15,7 @@ from eyecare_edge.preprocess import (
     preprocess_images,
     preset_preprocess,
 )
-from eyecare_edge.resize import resize_bicubic
+from eyecare_edge.resize import resize_bicubic, resize_bicubic_numpy
 from tests.hf_peers import hf_image_processor, hf_processor
 
 FULL = preset_preprocess("eyecare-3.8b")
@@ -170,6 +170,43 @@ def test_resize_single_axis_equals_pillow():
         assert np.array_equal(
             resize_bicubic(img, oh, ow), np.asarray(Image.fromarray(img).resize((ow, oh), Image.BICUBIC))
         )
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "oh", "ow", "c"),
+    # tall images shrunk to a square: where one two-axis Pillow 13 call runs the vertical pass first
+    [
+        (1200, 401, 384, 384, 3),
+        (2000, 700, 112, 112, 3),
+        (280, 416, 112, 112, 3),
+        (31, 47, 301, 17, 3),
+        (97, 1500, 40, 60, 3),
+        (201, 333, 77, 91, 1),
+        (5, 5, 5, 5, 3),
+    ],
+)
+def test_resize_by_pillow_passes_equals_numpy(h, w, oh, ow, c):
+    """The Pillow-backed path (where Pillow is installed) gives the numpy path's bytes."""
+    rng = np.random.default_rng(h + w + c)
+    img = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+    img[::9] = 255  # hard edges: negative lobes and clipping at both ends
+    fast, ours = resize_bicubic(img, oh, ow), resize_bicubic_numpy(img, oh, ow)
+    assert fast.shape == ours.shape == (oh, ow, c) and fast.dtype == np.uint8
+    np.testing.assert_array_equal(fast, ours)
+
+
+def test_preprocess_without_pillow_gives_the_same_tiles(monkeypatch):
+    """Where Pillow is not installed (a camera PC's runtime), numpy resizes, to the same tiles."""
+    import eyecare_edge.resize as resize
+
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (333, 517, 3), dtype=np.uint8)
+    with_pillow = preprocess_image(rgb, FULL).tiles
+    monkeypatch.setattr(resize, "_pillow_image", lambda: None)
+    calls = []
+    monkeypatch.setattr(resize, "_pass", lambda *a, _p=resize._pass: calls.append(1) or _p(*a))
+    np.testing.assert_array_equal(preprocess_image(rgb, FULL).tiles, with_pillow)
+    assert calls  # the numpy passes ran
 
 
 def test_config_round_trip_and_validation():

@@ -47,6 +47,19 @@ def _tok(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.parametrize("name", ["chatml", "qwen_2", "phi3_instruct"])
+def test_template_frame_costs_one_token_per_role_word(name):
+    """The merges learn the template's own words: every turn of a conversation pays its role name
+    (6 tokens for "assistant" before) and every sample the default system prompt."""
+    tok = train_bpe_tokenizer(TEXTS, vocab_size=4096, chat_template=name)
+    t = TEMPLATES[name]
+    for prefix in (t.system_prefix, t.user_prefix, t.assistant_prefix):
+        pieces = tok.convert_ids_to_tokens(_tok(tok, prefix))
+        assert len(pieces) <= 3, pieces  # special (or role token), the role word, the newline
+    words = t.default_system.split()
+    assert len(_tok(tok, t.default_system)) <= len(words) + 1  # a token a word, the full stop
+
+
 # --- label masking, token by token ---------------------------------------------------------------
 
 

@@ -56,6 +56,20 @@ moderate severe no evidence of 0 1 2 3 4 5 6 7 8 9 10 mm µm % .,;:!?()[]{}"'-/
 """
 
 
+def template_text(chat_template: str) -> str:
+    """One exchange as the chat template frames it, so the merges learn its role names and default
+    system prompt: without them every turn of the demo's training conversations spent 6 tokens on
+    "assistant" and 2 on "user", and each sample 14 on the system prompt."""
+    t = TEMPLATES[chat_template]
+    return "".join(
+        (
+            t.system_prefix + t.default_system + t.system_suffix + t.turn_separator,
+            t.user_prefix + "Question?" + t.user_suffix + t.turn_separator,
+            t.assistant_prefix + "Answer." + t.assistant_suffix + t.turn_separator,
+        )
+    )
+
+
 def train_bpe_tokenizer(
     texts: Iterable[str],
     *,
@@ -75,7 +89,7 @@ def train_bpe_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([OPHTHALMIC_TEXT, *texts], trainer=trainer)
+    tok.train_from_iterator([OPHTHALMIC_TEXT, template_text(chat_template), *texts], trainer=trainer)
     eot = TEMPLATES[chat_template].assistant_suffix
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,

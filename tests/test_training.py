@@ -398,3 +398,24 @@ def test_auto_bf16_on_a_cpu_reaches_training_arguments_only_with_use_cpu(monkeyp
         training_arguments_kwargs(TrainOptions(init="i", data="d", out="o", precision="fp32"))["bf16"]
         is False
     )
+
+
+def test_length_mixed_batching_reaches_the_trainer(ckpt, squares, tmp_path, monkeypatch):
+    """--batching length-mixed: the Trainer draws its batches from LengthMixedSampler."""
+    import eyecare_edge.training.train as train_module
+    from eyecare_edge.training.batching import LengthMixedSampler
+
+    orders: list[list[int]] = []
+
+    class Recording(LengthMixedSampler):
+        def __iter__(self):
+            order = list(super().__iter__())
+            orders.append(order)
+            return iter(order)
+
+    monkeypatch.setattr(train_module, "LengthMixedSampler", Recording)
+    result = run_training(
+        _opts(ckpt, squares, tmp_path / "mixed", max_steps=4, batching="length-mixed"), progress=False
+    )
+    assert result.global_step == 4 and result.samples_seen == 8
+    assert orders and sorted(orders[0]) == list(range(8))

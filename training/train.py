@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from eyecare_edge.training.batching import LengthMixedSampler
 from eyecare_edge.training.checkpoint import load_checkpoint, read_config
 from eyecare_edge.training.collate import EyecareCollator, pop_meta
 from eyecare_edge.training.data import EyecareDataset, SkipLog, filter_tasks, read_conversations
@@ -102,10 +103,12 @@ class EyecareTrainer(Trainer):
         skips: SkipLog,
         connector_lr: float | None = None,
         vision_lr: float | None = None,
+        batching: str = "random",
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.skips = skips
+        self.batching = batching
         # Parts with their own rate; the rest (the LLM above all) take `learning_rate`.
         self.part_lrs = {
             k: v for k, v in (("connector", connector_lr), ("vision", vision_lr)) if v is not None
@@ -144,6 +147,15 @@ class EyecareTrainer(Trainer):
         else:
             loss = loss / (targets != IGNORE_INDEX).sum().clamp(min=1)
         return (loss, outputs) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        """`length-mixed`: lengths grouped within each modality, every batch keeping the mix
+        (training.batching); `random`: the Trainer's own sampler."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.batching != "length-mixed":
+            return super()._get_train_sampler(train_dataset)
+        groups = [c.modality for c in dataset.items]
+        return LengthMixedSampler(dataset.lengths, groups, self.args.per_device_train_batch_size, self.args.seed)
 
     def create_optimizer(self, model=None):
         """One parameter group per (part, weight decay) when the connector or the tower has its
@@ -296,6 +308,7 @@ def run_training(opts: TrainOptions, *, progress: bool = True) -> TrainResult:
         skips=dataset.skips,
         connector_lr=opts.connector_lr,
         vision_lr=opts.vision_lr,
+        batching=opts.batching,
         callbacks=[_LogLastStep()],
     )
     trainer.train(resume_from_checkpoint=resume_from)

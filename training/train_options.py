@@ -18,6 +18,9 @@ from eyecare_edge.preprocess import BUDGETS
 
 TASKS = ("closed", "open", "report")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# How align/sft form batches (training.batching): the Trainer's random order, or lengths grouped
+# within each modality while every batch keeps the mix.
+BATCHINGS = ("random", "length-mixed")
 # Recommended learning rates (LLaVA-NeXT / Dense Connector recipes for a 4B-8B LLM).
 DEFAULT_LR = {"align": 1e-3, "sft": 2e-5, "sft-lora": 2e-4, "vision": 1e-3}
 # `vision` (training.vision_stage) trains the tower on image-level labels, before align and sft.
@@ -79,6 +82,7 @@ class TrainOptions:
     # image's labels, training.label_probes); 0: the probes only read detached tokens.
     token_loss_weight: float = 1.0
     connector_init: bool = False  # align: data-dependent connector init (training.connector_init)
+    batching: str = "random"  # align/sft batch order: BATCHINGS (training.batching)
 
     def __post_init__(self) -> None:
         if self.stage not in ALL_STAGES:
@@ -107,6 +111,8 @@ class TrainOptions:
             )
         if self.token_loss_weight < 0:
             raise TrainingError(f"--token-loss-weight must be >= 0, got {self.token_loss_weight}")
+        if self.batching not in BATCHINGS:
+            raise TrainingError(f"unknown batching {self.batching!r}; expected one of {', '.join(BATCHINGS)}")
         if self.precision not in PRECISIONS:
             raise TrainingError(
                 f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}"

@@ -110,6 +110,12 @@ STAGES = ["vision", "align", "sft"]
     help="--stage vision: weight of the per-token label loss, which teaches every visual token its "
     "image's labels (what the LLM reads) [1.0]; 0: pooled heads only.",
 )
+@click.option(
+    "--batching",
+    type=click.Choice(["random", "length-mixed"]),
+    help="align/sft batch order: random, or length-mixed (lengths grouped within each modality, "
+    "every batch keeping the mix: less padding) [random].",
+)
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads per process.")
 @click.option(
     "--config",

@@ -93,6 +93,7 @@ def test_vision_stage_learns_a_visible_label_and_keeps_the_llm(labelled, init_ck
         assert set(v) == {"accuracy", "chance", "n", "token_probe_accuracy"}
         assert v["n"] in (11, 12) and 0 <= v["chance"] <= 1
     assert ev["labels"]["colour"]["accuracy"] >= 0.9  # a random tower cannot do this
+    assert "(tiles+global;" in ev["objective"]  # the heads' default pooling, as reported
     # the per-token probes read the visible label from single tokens too, and are kept for align
     assert ev["labels"]["colour"]["token_probe_accuracy"] >= 0.9
     from eyecare_edge.training.label_probes import load_probes
@@ -115,6 +116,20 @@ def test_vision_stage_learns_a_visible_label_and_keeps_the_llm(labelled, init_ck
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("vision_tower."))
 
 
+def test_pool_images_puts_the_global_view_beside_the_tile_mean():
+    from eyecare_edge.training.label_probes import per_image_mean
+    from eyecare_edge.training.vision_stage import pool_images
+
+    per_tile = torch.arange(12, dtype=torch.float32).reshape(6, 2)  # 6 tiles of 3 images: 3, 1, 2
+    owner = torch.tensor([0, 0, 0, 1, 2, 2])
+    plain = pool_images(per_tile, owner, 3, with_global=False)
+    assert torch.equal(plain, per_image_mean(per_tile, owner, 3))
+    both = pool_images(per_tile, owner, 3, with_global=True)
+    assert both.shape == (3, 4)
+    assert torch.equal(both[:, :2], plain)
+    assert torch.equal(both[:, 2:], per_tile[[0, 3, 4]])  # each image's first tile: its global view
+
+
 def test_vision_stage_bad_options(init_ckpt, labelled, tmp_path):
     base = ["train", "--stage", "vision", "--init", str(init_ckpt), "-o", str(tmp_path / "o")]
     res = CliRunner().invoke(main, [*base, "--data", str(labelled / "labels.csv"), "--labels", "grade"])
@@ -123,6 +138,10 @@ def test_vision_stage_bad_options(init_ckpt, labelled, tmp_path):
     empty.write_text("path\nimg/0.png\n")
     res = CliRunner().invoke(main, [*base, "--data", str(empty)])
     assert res.exit_code == 1 and "no label columns" in res.output
+    from eyecare_edge.training.train_options import TrainingError, TrainOptions
+
+    with pytest.raises(TrainingError, match="unknown head pooling 'max'"):
+        TrainOptions(init="i", data="d", out="o", stage="vision", head_pooling="max")
 
 
 def test_connector_init_points_units_at_the_label_probes(init_ckpt):

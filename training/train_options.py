@@ -21,6 +21,9 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # How align/sft form batches (training.batching): the Trainer's random order, or lengths grouped
 # within each modality while every batch keeps the mix.
 BATCHINGS = ("random", "length-mixed")
+# What the vision stage's label heads read (training.vision_stage.pool_images): the mean over an
+# image's tiles, or that mean beside the image's global view (tile 0), which keeps the layout.
+HEAD_POOLINGS = ("tiles", "tiles+global")
 # Recommended learning rates (LLaVA-NeXT / Dense Connector recipes for a 4B-8B LLM).
 DEFAULT_LR = {"align": 1e-3, "sft": 2e-5, "sft-lora": 2e-4, "vision": 1e-3}
 # `vision` (training.vision_stage) trains the tower on image-level labels, before align and sft.
@@ -81,6 +84,7 @@ class TrainOptions:
     # Weight of the per-token label loss that also trains the tower (every token predicts its
     # image's labels, training.label_probes); 0: the probes only read detached tokens.
     token_loss_weight: float = 1.0
+    head_pooling: str = "tiles+global"  # --stage vision: HEAD_POOLINGS
     connector_init: bool = False  # align: data-dependent connector init (training.connector_init)
     batching: str = "random"  # align/sft batch order: BATCHINGS (training.batching)
 
@@ -111,6 +115,10 @@ class TrainOptions:
             )
         if self.token_loss_weight < 0:
             raise TrainingError(f"--token-loss-weight must be >= 0, got {self.token_loss_weight}")
+        if self.head_pooling not in HEAD_POOLINGS:
+            raise TrainingError(
+                f"unknown head pooling {self.head_pooling!r}; expected one of {', '.join(HEAD_POOLINGS)}"
+            )
         if self.batching not in BATCHINGS:
             raise TrainingError(f"unknown batching {self.batching!r}; expected one of {', '.join(BATCHINGS)}")
         if self.precision not in PRECISIONS:

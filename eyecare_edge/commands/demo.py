@@ -40,6 +40,10 @@ class DemoRecipe:
     # every token also learns its image's labels (vision_stage): single-token OCT fluid 48 -> 82%,
     # closed QA within 1 point down to 15% of the visual tokens (was -3.8 points at 25%)
     vision_token_loss_weight: float = 1.0
+    # the heads read the tile mean alone, not `train`'s default mean + global view: with two tiles
+    # the global view is half the mean already, and a demo trained with it lost 2.7 points at the
+    # 15% pool budget (85.5% against 88.2% with every token; one run, one thread) (issue 13 note)
+    vision_head_pooling: str = "tiles"
     # align trains the connector into a frozen *random* LLM: loss 4.90 -> 4.90 over 60 steps (issue
     # 13 note), so a few steps keep the stage and its connector init without paying for nothing
     align_steps: int = 20
@@ -253,6 +257,7 @@ def _train(steps: _Steps, recipe: DemoRecipe, paths: dict[str, Path], train_thre
                 patch_init=True,  # lesions: haemorrhage 84 -> 90% held-out (vision_stage)
                 lr=recipe.vision_lr,
                 token_loss_weight=recipe.vision_token_loss_weight,
+                head_pooling=recipe.vision_head_pooling,
                 max_steps=recipe.vision_steps,
                 batch_size=recipe.vision_batch,
                 logging_steps=50,

@@ -111,6 +111,12 @@ STAGES = ["vision", "align", "sft"]
     "image's labels (what the LLM reads) [1.0]; 0: pooled heads only.",
 )
 @click.option(
+    "--head-pooling",
+    type=click.Choice(["tiles", "tiles+global"]),
+    help="--stage vision: what the label heads read: the mean over an image's tiles, or that mean "
+    "beside the global view, which keeps where things are (laterality, disc side) [tiles+global].",
+)
+@click.option(
     "--batching",
     type=click.Choice(["random", "length-mixed"]),
     help="align/sft batch order: random, or length-mixed (lengths grouped within each modality, "

@@ -29,7 +29,18 @@ def test_order_is_a_seeded_permutation():
     assert sorted(a) == list(range(203))
     assert a == length_mixed_order(lengths, groups, 8, seed=1)
     assert a != length_mixed_order(lengths, groups, 8, seed=2)
-    assert len(_batches(a, 8)[-1]) == 203 % 8  # the short batch is the last one
+
+
+def test_the_short_batch_stays_last():
+    """67 samples, one group, length = index: a window of 64 shuffled samples (8 full batches,
+    each a run of consecutive lengths within the window) and a window of 3, whose batch is short
+    and must stay last: anywhere else, the DataLoader would cut every later batch across two."""
+    order = length_mixed_order(list(range(67)), ["x"] * 67, 8, seed=3)
+    window = sorted(order[:64])
+    for b in _batches(order[:64], 8):
+        start = window.index(min(b))
+        assert sorted(b) == window[start : start + 8], b
+    assert len(order) == 67 and set(order[64:]) == set(range(67)) - set(window)
 
 
 def test_less_padding_than_random_and_every_batch_keeps_the_mix():
@@ -67,6 +78,14 @@ def test_bad_arguments():
         length_mixed_order([1], ["a"], 0, 0)
     with pytest.raises(TrainingError, match="unknown batching 'sorted'"):
         TrainOptions(init="i", data="d", out="o", batching="sorted")
+    with pytest.raises(TrainingError, match="the vision stage batches images"):
+        TrainOptions(init="i", data="d", out="o", stage="vision", batching="length-mixed")
+
+
+def test_epoch_of_a_trainer_state():
+    from eyecare_edge.training.train import epoch_of
+
+    assert [epoch_of(e) for e in (None, 0.0, 0.9999999, 1.0, 1.5, 2.99)] == [0, 0, 1, 1, 1, 2]
 
 
 def test_sampler_reshuffles_each_epoch_and_set_epoch_reproduces_one():

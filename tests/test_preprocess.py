@@ -187,12 +187,50 @@ def test_resize_single_axis_equals_pillow():
 )
 def test_resize_by_pillow_passes_equals_numpy(h, w, oh, ow, c):
     """The Pillow-backed path (where Pillow is installed) gives the numpy path's bytes."""
+    import eyecare_edge.resize as resize
+
+    assert resize._pillow_image() is not None  # else this would compare numpy with itself
     rng = np.random.default_rng(h + w + c)
     img = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
     img[::9] = 255  # hard edges: negative lobes and clipping at both ends
     fast, ours = resize_bicubic(img, oh, ow), resize_bicubic_numpy(img, oh, ow)
     assert fast.shape == ours.shape == (oh, ow, c) and fast.dtype == np.uint8
     np.testing.assert_array_equal(fast, ours)
+
+
+@pytest.mark.parametrize("numpy_only", [False, True], ids=["pillow", "numpy"])
+def test_resize_returns_a_new_writable_array(monkeypatch, numpy_only):
+    """Callers may write into the result: never the input, never read-only, even at the same size;
+    four channels (Pillow premultiplies alpha) go to numpy; empty images are refused."""
+    import eyecare_edge.resize as resize
+
+    if numpy_only:
+        monkeypatch.setattr(resize, "_pillow_image", lambda: None)
+    img = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    img.flags.writeable = False
+    for out in (resize_bicubic(img, 20, 30), resize_bicubic(img, 10, 15)):
+        assert out.flags.writeable and out.flags.c_contiguous and not np.shares_memory(out, img)
+    assert np.array_equal(resize_bicubic(img, 20, 30), img)
+    rgba = np.random.default_rng(2).integers(0, 256, (40, 50, 4), dtype=np.uint8)
+    np.testing.assert_array_equal(resize_bicubic(rgba, 17, 23), resize_bicubic_numpy(rgba, 17, 23))
+    with pytest.raises(ValueError, match="empty image"):
+        resize_bicubic(np.zeros((5, 0, 3), np.uint8), 3, 3)
+
+
+def test_an_old_pillow_is_not_used(monkeypatch):
+    import PIL
+
+    import eyecare_edge.resize as resize
+
+    resize._pillow_image.cache_clear()
+    try:
+        monkeypatch.setattr(PIL, "__version__", "9.5.0")
+        assert resize._pillow_image() is None
+        resize._pillow_image.cache_clear()
+        monkeypatch.setattr(PIL, "__version__", "10.4.0")
+        assert resize._pillow_image() is not None
+    finally:
+        resize._pillow_image.cache_clear()
 
 
 def test_preprocess_without_pillow_gives_the_same_tiles(monkeypatch):

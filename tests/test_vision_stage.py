@@ -93,7 +93,7 @@ def test_vision_stage_learns_a_visible_label_and_keeps_the_llm(labelled, init_ck
         assert set(v) == {"accuracy", "chance", "n", "token_probe_accuracy"}
         assert v["n"] in (11, 12) and 0 <= v["chance"] <= 1
     assert ev["labels"]["colour"]["accuracy"] >= 0.9  # a random tower cannot do this
-    assert "(tiles+global;" in ev["objective"]  # the heads' default pooling, as reported
+    assert "(tiles+global;" in ev["objective"]  # the heads' default pooling, as the heads were built
     # the per-token probes read the visible label from single tokens too, and are kept for align
     assert ev["labels"]["colour"]["token_probe_accuracy"] >= 0.9
     from eyecare_edge.training.label_probes import load_probes
@@ -142,6 +142,28 @@ def test_vision_stage_bad_options(init_ckpt, labelled, tmp_path):
 
     with pytest.raises(TrainingError, match="unknown head pooling 'max'"):
         TrainOptions(init="i", data="d", out="o", stage="vision", head_pooling="max")
+    with pytest.raises(TrainingError, match="align/sft have none"):
+        TrainOptions(init="i", data="d", out="o", stage="sft", head_pooling="tiles")
+
+
+def test_label_heads_read_the_pooling_they_were_built_for():
+    """The heads' width follows the pooling: a head built for the tile mean cannot be fed the
+    global view too, and the other way round, so the flag cannot be silently ignored."""
+    from eyecare_edge.training.vision_stage import LabelHeads
+
+    vocab = {"eye": ["OD", "OS"], "dr": ["0", "2", "3"]}
+    per_tile, owner = torch.randn(5, 8), torch.tensor([0, 0, 1, 1, 1])
+    for with_global in (False, True):
+        heads = LabelHeads(8, vocab, with_global=with_global)
+        assert heads.norm.normalized_shape == ((16,) if with_global else (8,))
+        assert [lg.shape for lg in heads(per_tile, owner, 2)] == [(2, 2), (2, 3)]
+        # the global view's half is really read: changing an image's first tile moves its logits
+        moved = per_tile.clone()
+        moved[2] += 5.0
+        moved[3:] -= 5.0 / 2  # keep image 1's tile mean where it was
+        a, b = heads(per_tile, owner, 2)[0], heads(moved, owner, 2)[0]
+        assert torch.allclose(a[0], b[0])
+        assert torch.allclose(a[1], b[1]) != with_global
 
 
 def test_connector_init_points_units_at_the_label_probes(init_ckpt):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from eyecare_edge.training.encoding import IGNORE_INDEX
 from eyecare_edge.training.precision import mixed_precision
 from eyecare_edge.training.stages import configure_stage, merge_lora_state_dict
 from eyecare_edge.training.train_options import TrainingError, TrainOptions, TrainResult
+from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -148,14 +150,18 @@ class EyecareTrainer(Trainer):
             loss = loss / (targets != IGNORE_INDEX).sum().clamp(min=1)
         return (loss, outputs) if return_outputs else loss
 
-    def _get_train_sampler(self, train_dataset=None):
+    def _get_train_sampler(self, train_dataset: EyecareDataset | None = None) -> Sampler | None:
         """`length-mixed`: lengths grouped within each modality, every batch keeping the mix
         (training.batching); `random`: the Trainer's own sampler."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.batching != "length-mixed":
             return super()._get_train_sampler(train_dataset)
         groups = [c.modality for c in dataset.items]
-        return LengthMixedSampler(dataset.lengths, groups, self.args.per_device_train_batch_size, self.args.seed)
+        # the size the DataLoader cuts by (per device, or per process under nn.DataParallel)
+        self.length_sampler = LengthMixedSampler(
+            dataset.lengths, groups, self._train_batch_size, self.args.seed
+        )
+        return self.length_sampler
 
     def create_optimizer(self, model=None):
         """One parameter group per (part, weight decay) when the connector or the tower has its
@@ -187,6 +193,27 @@ def _part(name: str) -> str:
     if name.startswith("vision_tower.") or ".vision_tower." in name:
         return "vision"
     return "llm"
+
+
+class _SamplerEpoch(TrainerCallback):
+    """Tell the length-mixed sampler which epoch begins. accelerate's `set_epoch` does not reach
+    a sampler wrapped for a resumed multi-process run (skip + shard + batch), which would then
+    replay epoch 0's order for the rest of the resumed epoch."""
+
+    def __init__(self, trainer: EyecareTrainer) -> None:
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        sampler = getattr(self.trainer, "length_sampler", None)
+        if sampler is not None:
+            sampler.set_epoch(epoch_of(state.epoch))
+        return control
+
+
+def epoch_of(progress: float | None) -> int:
+    """The epoch a Trainer's `state.epoch` (a float: 1.5 is half-way through epoch 1) is in; at an
+    epoch's start it can read 0.9999999 for 1."""
+    return math.floor((progress or 0.0) + 1e-6)
 
 
 class _LogLastStep(TrainerCallback):
@@ -311,6 +338,7 @@ def run_training(opts: TrainOptions, *, progress: bool = True) -> TrainResult:
         batching=opts.batching,
         callbacks=[_LogLastStep()],
     )
+    trainer.add_callback(_SamplerEpoch(trainer))
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_state()
 

@@ -121,6 +121,10 @@ class TrainOptions:
             )
         if self.batching not in BATCHINGS:
             raise TrainingError(f"unknown batching {self.batching!r}; expected one of {', '.join(BATCHINGS)}")
+        if self.stage == "vision" and self.batching != "random":
+            raise TrainingError("--batching orders align/sft conversations; the vision stage batches images")
+        if self.stage != "vision" and self.head_pooling != "tiles+global":
+            raise TrainingError("--head-pooling is the vision stage's (its label heads); align/sft have none")
         if self.precision not in PRECISIONS:
             raise TrainingError(
                 f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}"

@@ -105,8 +105,9 @@ class LabelHeads(nn.Module):
         self.norm = nn.LayerNorm(in_features)
         self.heads = nn.ModuleList(nn.Linear(in_features, len(vocab[n])) for n in self.names)
 
-    def forward(self, pooled: torch.Tensor) -> list[torch.Tensor]:
-        x = self.norm(pooled)
+    def forward(self, per_tile: torch.Tensor, owner: torch.Tensor, n: int) -> list[torch.Tensor]:
+        """Pooled tiles [T, F] of `n` images (`owner` ascending) -> per label, logits [n, C]."""
+        x = self.norm(pool_images(per_tile, owner, n, with_global=self.with_global))
         return [h(x) for h in self.heads]
 
 
@@ -249,7 +250,7 @@ def evaluate_heads(
         idx = list(range(s, min(n, s + batch)))
         pix, owner, _ = _batch(images, idx)
         tokens = model.connector.channels(model.vision_tower(pix))
-        logits = heads(pool_images(pool_tokens(tokens), owner, len(idx), with_global=heads.with_global))
+        logits = heads(pool_tokens(tokens), owner, len(idx))
         for k, lg in enumerate(logits):
             preds[k].append(lg.argmax(dim=-1))
         for k, p in enumerate(probes.predict(tokens, owner, len(idx))):
@@ -374,7 +375,7 @@ def run_vision_stage(opts, *, progress: bool = True):
         heads.train()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             tokens = model.connector.channels(model.vision_tower(_augment(pix, gen)))
-            logits = heads(pool_images(pool_tokens(tokens), owner, len(idx), with_global=heads.with_global))
+            logits = heads(pool_tokens(tokens), owner, len(idx))
             loss = sum(
                 nn.functional.cross_entropy(lg, targets[:, k], weight=weights[k], ignore_index=-100)
                 for k, lg in enumerate(logits)
@@ -401,7 +402,8 @@ def run_vision_stage(opts, *, progress: bool = True):
         preds, probe_preds = evaluate_heads(model, heads, probes, eval_imgs)
         report["labels"] = eval_report(heads, preds, eval_imgs, probe_preds)
     report["objective"] = (
-        f"one linear head per label column on pooled connector features ({opts.head_pooling}; "
+        f"one linear head per label column on pooled connector features "
+        f"({'tiles+global' if heads.with_global else 'tiles'}; "
         "heads dropped) + "
         f"{opts.token_loss_weight} x the per-token label probes' loss; probes kept in {PROBES_FILE} "
         f"for the connector init; {'bf16 autocast' if bf16 else 'fp32'}"

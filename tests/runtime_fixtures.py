@@ -114,6 +114,7 @@ def build_runtime_assets(base: Path) -> RuntimeAssets:
                 batch_size=16,
                 lr=2e-3,
                 patch_init=True,
+                head_pooling="tiles",  # as the demo's recipe, which this shrinks (two tiles an image)
                 logging_steps=VISION_STEPS,
                 budget="minimal",
             ),

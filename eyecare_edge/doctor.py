@@ -345,7 +345,7 @@ def bundle_plan(bundle: str | os.PathLike[str], available: dict[str, Backend], l
     llm_entry = choose_llm(m, "auto")
     offload = bool(llama.get("gpu_offload"))
     n_ctx = default_n_ctx(m, m.preprocess_config(), token_budget(m))
-    kv_type, flash = choose_kv_cache("auto", None, n_ctx, on_gpu=offload)
+    kv_type, flash = choose_kv_cache("auto", None, n_ctx, on_gpu=offload, llm_precision=llm_entry.precision)
     return {
         "path": str(bundle),
         "vision_onnx": sorted(have),

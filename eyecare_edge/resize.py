@@ -177,7 +177,7 @@ def resize_bicubic(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     _check(rgb, height, width)
     image = _pillow_image()
     if image is None or rgb.shape[2] not in (1, 3):  # Pillow premultiplies alpha: not the same
-        return resize_bicubic_numpy(rgb, height, width)
+        return _resize_numpy(rgb, height, width)
     squeeze = rgb.shape[2] == 1
     im = image.fromarray(np.ascontiguousarray(rgb[..., 0] if squeeze else rgb))
     # One axis per call, horizontal first: Pillow skips the pass whose size does not change.
@@ -193,6 +193,10 @@ def resize_bicubic(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
 def resize_bicubic_numpy(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     """`resize_bicubic` in numpy alone: what runs where Pillow is not installed."""
     _check(rgb, height, width)
+    return _resize_numpy(rgb, height, width)
+
+
+def _resize_numpy(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     out = rgb
     # Pillow skips a pass whose size does not change (and then copies). The horizontal pass
     # runs on the transposed view (columns as rows), so both passes are the same row pass.

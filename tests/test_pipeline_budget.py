@@ -158,6 +158,11 @@ def test_auto_kv_cache_is_q8_0_with_flash_on_the_cpu_up_to_the_measured_context(
     assert choose_kv_cache("auto", False, small, on_gpu=False) == ("f16", False)  # no flash: no q8_0
     assert choose_kv_cache("auto", None, small, on_gpu=True) == ("f16", None)  # llama.cpp's GPU choice
     assert choose_kv_cache("f32", None, small, on_gpu=False) == ("f32", None)  # asked for: kept
+    # an F32 GGUF is the exact pair with PyTorch: its own cache, no flash attention unless asked
+    assert choose_kv_cache("auto", None, small, on_gpu=False, llm_precision="f32") == ("f32", False)
+    assert choose_kv_cache("auto", True, big, on_gpu=True, llm_precision="f32") == ("f32", True)
+    with Pipeline.load(assets.bundle, llm="f32", **FAST) as pipe:
+        assert (pipe.lm.options.kv_type, pipe.lm.options.flash_attn) == ("f32", False)
     from eyecare_edge.qa.answers import parse_choice
 
     closed = [r for r in records if r.task == "closed" and len(r.images) == 1][:8]

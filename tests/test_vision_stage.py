@@ -153,8 +153,9 @@ def test_label_heads_read_the_pooling_they_were_built_for():
 
     vocab = {"eye": ["OD", "OS"], "dr": ["0", "2", "3"]}
     per_tile, owner = torch.randn(5, 8), torch.tensor([0, 0, 1, 1, 1])
-    for with_global in (False, True):
-        heads = LabelHeads(8, vocab, with_global=with_global)
+    for pooling in ("tiles", "tiles+global"):
+        heads = LabelHeads(8, vocab, pooling=pooling)
+        with_global = pooling == "tiles+global"
         assert heads.norm.normalized_shape == ((16,) if with_global else (8,))
         assert [lg.shape for lg in heads(per_tile, owner, 2)] == [(2, 2), (2, 3)]
         # the global view's half is really read: changing an image's first tile moves its logits

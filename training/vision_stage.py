@@ -97,11 +97,12 @@ def pool_images(per_tile: torch.Tensor, owner: torch.Tensor, n: int, *, with_glo
 class LabelHeads(nn.Module):
     """One linear head per label column over the pooled features (dropped after training)."""
 
-    def __init__(self, in_features: int, vocab: dict[str, list[str]], *, with_global: bool = False) -> None:
+    def __init__(self, in_features: int, vocab: dict[str, list[str]], *, pooling: str = "tiles") -> None:
         super().__init__()
         self.names = list(vocab)
-        self.with_global = with_global  # `pool_images`: the global view beside the tile mean
-        in_features *= 2 if with_global else 1
+        self.pooling = pooling  # TrainOptions.head_pooling: "tiles" or "tiles+global" (`pool_images`)
+        self.with_global = pooling == "tiles+global"
+        in_features *= 2 if self.with_global else 1
         self.norm = nn.LayerNorm(in_features)
         self.heads = nn.ModuleList(nn.Linear(in_features, len(vocab[n])) for n in self.names)
 
@@ -337,7 +338,7 @@ def run_vision_stage(opts, *, progress: bool = True):
     model.vision_tower.requires_grad_(True)
     model.vision_tower.train()
     channels = model.connector.mm_projector[0].in_features
-    heads = LabelHeads(2 * channels, vocab, with_global=opts.head_pooling == "tiles+global")
+    heads = LabelHeads(2 * channels, vocab, pooling=opts.head_pooling)
     probes = TokenProbes(channels, vocab)
     params = [p for p in model.vision_tower.parameters()] + list(heads.parameters())
     optim = torch.optim.AdamW(
@@ -402,9 +403,8 @@ def run_vision_stage(opts, *, progress: bool = True):
         preds, probe_preds = evaluate_heads(model, heads, probes, eval_imgs)
         report["labels"] = eval_report(heads, preds, eval_imgs, probe_preds)
     report["objective"] = (
-        f"one linear head per label column on pooled connector features "
-        f"({'tiles+global' if heads.with_global else 'tiles'}; "
-        "heads dropped) + "
+        f"one linear head per label column on pooled connector features ({heads.pooling}; heads "
+        "dropped) + "
         f"{opts.token_loss_weight} x the per-token label probes' loss; probes kept in {PROBES_FILE} "
         f"for the connector init; {'bf16 autocast' if bf16 else 'fp32'}"
     )

@@ -156,7 +156,9 @@ class Pipeline:
         )
         n_ctx = opts.n_ctx or default_n_ctx(manifest, preprocess, budget)
         on_gpu = offloads(resolve_gpu_layers(opts.n_gpu_layers))
-        kv_type, flash_attn = choose_kv_cache(opts.kv_type, opts.flash_attn, n_ctx, on_gpu=on_gpu)
+        kv_type, flash_attn = choose_kv_cache(
+            opts.kv_type, opts.flash_attn, n_ctx, on_gpu=on_gpu, llm_precision=llm_entry.precision
+        )
         lm = LlamaCppLM(
             root / llm_entry.path,
             LLMOptions(

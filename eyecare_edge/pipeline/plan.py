@@ -81,13 +81,19 @@ def token_budget(manifest: Manifest, visual_tokens: object = None, method: str |
 
 
 def choose_kv_cache(
-    kv_type: str, flash_attn: bool | None, n_ctx: int, on_gpu: bool
+    kv_type: str, flash_attn: bool | None, n_ctx: int, on_gpu: bool, llm_precision: str | None = None
 ) -> tuple[str, bool | None]:
-    """(kv_type, flash_attn) for llama.cpp: what was asked, or for kv_type "auto" a Q8_0 cache
-    with flash attention when the LLM runs on the CPU, flash attention was not turned off and
-    n_ctx <= KV_Q8_MAX_CTX; F16 otherwise (on a GPU, llama.cpp's own flash attention choice)."""
+    """(kv_type, flash_attn) for llama.cpp: what was asked, or for kv_type "auto":
+    - an F32 GGUF, the export check against PyTorch: an F32 cache without flash attention (unless
+      asked for), which matches transformers to ~1e-6, where a Q8_0 cache changed 1 of 9 greedy
+      answers of the test bundle;
+    - else a Q8_0 cache with flash attention when the LLM runs on the CPU, flash attention was not
+      turned off and n_ctx <= KV_Q8_MAX_CTX; F16 otherwise (on a GPU, llama.cpp's own flash
+      attention choice)."""
     if kv_type != "auto":
         return kv_type, flash_attn
+    if llm_precision == "f32":
+        return "f32", False if flash_attn is None else flash_attn
     if on_gpu or flash_attn is False or n_ctx > KV_Q8_MAX_CTX:
         return "f16", flash_attn
     return "q8_0", True

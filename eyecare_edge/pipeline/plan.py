@@ -23,6 +23,8 @@ PHI3_MAX_CTX = 4096
 # (`perf`, 2-core EPYC, Q4_K_M, extrapolated to full depth), Q8_0 + flash against F16, two runs:
 #   n_ctx 1280 (15% pool): peak RSS 3.58-3.60 vs 3.85-3.87 GB (1.27x vs 1.37x the bundle), TTFT
 #     +4% and +8%, decode -10% and +9% (noise);
+#   n_ctx 1792 (25% pool, the default budget since the demo model reads drusen; one run): 3.72
+#     vs 4.07 GB (1.32x vs 1.45x), but TTFT +25% (27.7 vs 22.2 s);
 #   n_ctx 2816 (50% pool): 3.90 vs 4.56 GB, but TTFT +58% and +71%;
 #   n_ctx 4096 (every token): 4.18 vs 5.27 GB, TTFT 2.8x in both.
 # llama.cpp's CPU flash-attention kernel slows prefill as the context grows, so the cheaper cache

@@ -54,7 +54,13 @@ def test_demo_runs_every_step_then_reuses_them(tmp_path, monkeypatch):
 
     second = CliRunner().invoke(main, args)
     assert second.exit_code == 0, second.output
-    for step in ("phantom data: reusing", "vision: reusing", "align: reusing", "sft: reusing", "bundle: reusing"):
+    for step in (
+        "phantom data: reusing",
+        "vision: reusing",
+        "align: reusing",
+        "sft: reusing",
+        "bundle: reusing",
+    ):
         assert step in second.output
     assert "already done" in second.output
     assert (workdir / "screen.jsonl").read_text().splitlines() == screened
@@ -89,3 +95,25 @@ def test_demo_runs_every_step_then_reuses_them(tmp_path, monkeypatch):
     third = CliRunner().invoke(main, args)
     assert third.exit_code == 3, third.output
     assert "bench items failed" in third.output
+
+
+def test_training_threads_are_counted_without_the_llama_binding():
+    """The demo trains with torch in the process that later runs llama.cpp. Importing the llama.cpp
+    binding sets OMP_WAIT_POLICY=PASSIVE, and torch shares that one OpenMP runtime: with passive
+    waits the vision stage ran ~40% slower (`eyecare_edge.cpus`). So counting the training threads
+    must neither import llama_cpp nor set the policy (checked in a fresh interpreter: this one may
+    have imported the binding already)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\n"
+        "from eyecare_edge.commands.demo import DemoRecipe, _train_threads\n"
+        "n = _train_threads(DemoRecipe(), None)\n"
+        "assert n >= 1, n\n"
+        "assert 'llama_cpp' not in sys.modules, 'the llama.cpp binding was imported'\n"
+        "assert 'OMP_WAIT_POLICY' not in os.environ, os.environ['OMP_WAIT_POLICY']\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

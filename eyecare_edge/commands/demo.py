@@ -204,7 +204,7 @@ def _train_threads(recipe: DemoRecipe, threads: int | None) -> int:
     from /proc/stat (the load average lags by a minute); elsewhere the load average is used.
     """
 
-    from eyecare_edge.llm.device import physical_cores
+    from eyecare_edge.cpus import physical_cores  # not eyecare_edge.llm: see eyecare_edge.cpus
 
     return recipe.train_threads or threads or max(1, physical_cores() - round(_busy_cpus()))
 

@@ -8,27 +8,11 @@ decision below reads it from this module.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from eyecare_edge.cpus import physical_cores as physical_cores  # re-exported for callers
 from eyecare_edge.llm.binding import lib
-
-
-def physical_cores() -> int:
-    """Physical cores among the CPUs this process may run on (SMT siblings counted once)."""
-    try:
-        cpus = os.sched_getaffinity(0)
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-    cores = set()
-    for cpu in cpus:
-        path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
-        try:
-            cores.add(path.read_text().strip())
-        except OSError:
-            cores.add(str(cpu))
-    return max(len(cores), 1)
 
 
 def gpu_offload_supported() -> bool:

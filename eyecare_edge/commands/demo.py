@@ -52,10 +52,12 @@ class DemoRecipe:
     align_steps: int = 20
     align_lr: float = 1e-3
     # With the tower above, from one align checkpoint: 240 steps 93.8% (2 threads), 200 92.9% and
-    # 180 92.5% (1 thread), and 180 in the demo itself 91.2% (2 threads); 180 pays for the tower's
-    # 300 extra steps (sft ~0.65 s a step, vision 0.1-0.14 s). LLM rate 1.5e-3: 90.0%, 2e-3: 72.9%
-    # (180 steps, 1 thread). With the older, underfit tower, fewer steps lost more than the noise
-    # (240: 87.1%; 180: 79-88% over sft seeds, half-size phantoms) (issue 13 note)
+    # 180 92.5% (1 thread), and 180 in the demo itself 91.2% (2 threads); LLM rate 1.5e-3: 90.0%,
+    # 2e-3: 72.9% (180 steps, 1 thread). In the demo (2 threads, default OpenMP waits, see
+    # `eyecare_edge.cpus`): 180 steps 3 min 49 s, 91.2%; 240 steps 4 min 48 s, 93.8%. 180 keeps
+    # the 5 minutes with room for this machine's +-15% swings in speed. With the older, underfit
+    # tower, fewer steps lost more than the noise (240: 87.1%; 180: 79-88% over sft seeds, half-size
+    # phantoms) (issue 13 note)
     train_steps: int = 180
     train_batch: int = 8
     train_lr: float = 1e-3

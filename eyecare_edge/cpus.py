@@ -1,4 +1,5 @@
-"""CPU facts that import nothing heavy: how many physical cores this process may use.
+"""CPU facts that import nothing heavy: how many physical cores this process may use, and the
+environment a child process should get.
 
 Kept apart from `eyecare_edge.llm` on purpose: importing the llama.cpp binding sets
 OMP_WAIT_POLICY=PASSIVE for llama.cpp's OpenMP workers (`llm.binding`), and torch shares that one
@@ -12,6 +13,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+# Set beside OMP_WAIT_POLICY when `llm.binding` chose PASSIVE itself (not the user).
+WAIT_POLICY_MARK = "EYECARE_EDGE_SET_OMP_WAIT_POLICY"
 
 
 def physical_cores() -> int:
@@ -28,3 +32,17 @@ def physical_cores() -> int:
         except OSError:
             cores.add(str(cpu))
     return max(len(cores), 1)
+
+
+def child_environ() -> dict[str, str]:
+    """This process's environment for a child process, without the OMP_WAIT_POLICY that importing
+    the llama.cpp binding set (a user's own setting is kept).
+
+    Why: a child inherits the environment, so every child of a process that had imported the
+    binding trained or ran torch with passive waits, and `perf`'s "default" llama.cpp settings and
+    its transformers references were timed under them. A child that loads llama.cpp sets them again
+    when it imports the binding."""
+    env = dict(os.environ)
+    if env.pop(WAIT_POLICY_MARK, None) is not None and env.get("OMP_WAIT_POLICY") == "PASSIVE":
+        del env["OMP_WAIT_POLICY"]
+    return env

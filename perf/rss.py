@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eyecare_edge.cpus import child_environ
 from eyecare_edge.errors import EyecareError
 
 
@@ -100,7 +101,7 @@ def run_in_child(
                 [sys.executable, "-m", "eyecare_edge.perf.rss", str(spec), str(out)],
                 stdout=log_fh,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
+                env={**child_environ(), **(env or {})},
             )
             try:
                 rc = proc.wait(timeout=timeout_s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -184,6 +185,40 @@ def test_child_failure_names_the_error(tmp_path):
             {"size_bytes": 64 << 20, "repeats": 10**6},
             timeout_s=2.0,
         )
+
+
+def test_child_gets_no_wait_policy_the_llama_binding_chose(monkeypatch):
+    """Importing the llama.cpp binding sets OMP_WAIT_POLICY=PASSIVE (marked as its own choice); a
+    measurement child must not inherit it (torch references ran under it), while a user's own
+    setting and the child's explicit env are kept."""
+    import subprocess
+    import sys
+
+    from eyecare_edge.cpus import WAIT_POLICY_MARK
+
+    probe = ("os:getenv", {"key": "OMP_WAIT_POLICY"})
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv(WAIT_POLICY_MARK, "PASSIVE")
+    assert run_in_child(*probe).value is None
+    assert run_in_child(*probe, env={"OMP_WAIT_POLICY": "ACTIVE"}).value == "ACTIVE"
+    monkeypatch.delenv(WAIT_POLICY_MARK)  # the user's own setting
+    assert run_in_child(*probe).value == "PASSIVE"
+
+    code = (
+        "import os, eyecare_edge.llm.binding; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('{}'))"
+    )
+    code = code.format(WAIT_POLICY_MARK)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", WAIT_POLICY_MARK)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["PASSIVE", "PASSIVE"]
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.split() == ["ACTIVE", "None"]
 
 
 # ------------------------------------------------------------------------- report arithmetic

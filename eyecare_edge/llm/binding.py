@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+from eyecare_edge.cpus import WAIT_POLICY_MARK
 from eyecare_edge.errors import EyecareError
 
 try:  # the runtime can still be imported (bundle checks, CLI help) where llama.cpp is absent
@@ -20,7 +21,11 @@ try:  # the runtime can still be imported (bundle checks, CLI help) where llama.
     # PC one descheduled spinner stalls every step (measured: Q4_K_M decode 4 tok/s spinning vs
     # 22-27 tok/s with passive waits, prefill equal or better). Set before the library loads
     # OpenMP; an explicit OMP_WAIT_POLICY in the environment wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        # marked, so child processes can drop it (`eyecare_edge.cpus.child_environ`): a torch child
+        # must not inherit llama.cpp's waits, and a llama.cpp child sets them again on import
+        os.environ[WAIT_POLICY_MARK] = "PASSIVE"
     import llama_cpp.llama_cpp as lib
 except ImportError as exc:  # pragma: no cover - exercised only on machines without llama-cpp-python
     lib = None

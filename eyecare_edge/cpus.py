@@ -1,5 +1,5 @@
-"""CPU facts that import nothing heavy: how many physical cores this process may use, and the
-environment a child process should get.
+"""CPU facts that import nothing heavy: how many physical cores this process may use, how busy
+the CPUs are, and the environment a child process should get.
 
 Kept apart from `eyecare_edge.llm` on purpose: importing the llama.cpp binding sets
 OMP_WAIT_POLICY=PASSIVE for llama.cpp's OpenMP workers (`llm.binding`), and torch shares that one
@@ -12,6 +12,7 @@ the demo's vision stage ran 0.124 s a step with passive waits against 0.082 s wi
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 # Set beside OMP_WAIT_POLICY when `llm.binding` chose PASSIVE itself (not the user).
@@ -32,6 +33,24 @@ def physical_cores() -> int:
         except OSError:
             cores.add(str(cpu))
     return max(len(cores), 1)
+
+
+def busy_cpus(window_s: float = 0.5) -> float:
+    """CPUs kept busy by other processes over `window_s` (Linux /proc/stat; else the load average)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total jiffies, idle + iowait
+
+    try:
+        t0, i0 = sample()
+        time.sleep(window_s)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    return cpus * (1.0 - (i1 - i0) / max(1, t1 - t0))
 
 
 def child_environ() -> dict[str, str]:

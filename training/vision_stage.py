@@ -102,14 +102,13 @@ class LabelHeads(nn.Module):
         super().__init__()
         self.names = list(vocab)
         self.pooling = pooling  # TrainOptions.head_pooling: "tiles" or "tiles+global" (`pool_images`)
-        self.with_global = pooling == "tiles+global"
-        in_features *= 2 if self.with_global else 1
+        in_features *= 2 if pooling == "tiles+global" else 1
         self.norm = nn.LayerNorm(in_features)
         self.heads = nn.ModuleList(nn.Linear(in_features, len(vocab[n])) for n in self.names)
 
     def forward(self, per_tile: torch.Tensor, owner: torch.Tensor, n: int) -> list[torch.Tensor]:
         """Pooled tiles [T, F] of `n` images (`owner` ascending) -> per label, logits [n, C]."""
-        x = self.norm(pool_images(per_tile, owner, n, with_global=self.with_global))
+        x = self.norm(pool_images(per_tile, owner, n, with_global=self.pooling == "tiles+global"))
         return [h(x) for h in self.heads]
 
 

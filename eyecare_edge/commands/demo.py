@@ -206,28 +206,9 @@ def _train_threads(recipe: DemoRecipe, threads: int | None) -> int:
     from /proc/stat (the load average lags by a minute); elsewhere the load average is used.
     """
 
-    from eyecare_edge.cpus import physical_cores  # not eyecare_edge.llm: see eyecare_edge.cpus
+    from eyecare_edge.cpus import busy_cpus, physical_cores  # not eyecare_edge.llm: see there
 
-    return recipe.train_threads or threads or max(1, physical_cores() - round(_busy_cpus()))
-
-
-def _busy_cpus(window_s: float = 0.5) -> float:
-    """CPUs kept busy by other processes over `window_s` (Linux /proc/stat; else the load average)."""
-    import os
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]  # total jiffies, idle + iowait
-
-    try:
-        t0, i0 = sample()
-        time.sleep(window_s)
-        t1, i1 = sample()
-    except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0]
-    cpus = os.cpu_count() or 1
-    return cpus * (1.0 - (i1 - i0) / max(1, t1 - t0))
+    return recipe.train_threads or threads or max(1, physical_cores() - round(busy_cpus()))
 
 
 def _train(steps: _Steps, recipe: DemoRecipe, paths: dict[str, Path], train_threads: int) -> None:

@@ -322,7 +322,8 @@ def bundle_plan(bundle: str | os.PathLike[str], available: dict[str, Backend], l
     manifest and the backends' readiness (nothing loaded; see the module docstring)."""
     from eyecare_edge.bundle import read_manifest
     from eyecare_edge.pipeline import choose_llm
-    from eyecare_edge.pipeline.plan import choose_kv_cache, default_n_ctx, token_budget
+    from eyecare_edge.pipeline.options import PipelineOptions
+    from eyecare_edge.pipeline.plan import choose_kv_cache, choose_ubatch, default_n_ctx, token_budget
     from eyecare_edge.vision import candidates, cpu_precision_order, validated
 
     m = read_manifest(bundle)
@@ -345,7 +346,7 @@ def bundle_plan(bundle: str | os.PathLike[str], available: dict[str, Backend], l
     llm_entry = choose_llm(m, "auto")
     offload = bool(llama.get("gpu_offload"))
     n_ctx = default_n_ctx(m, m.preprocess_config(), token_budget(m))
-    kv_type, flash = choose_kv_cache("auto", None, n_ctx, on_gpu=offload, llm_precision=llm_entry.precision)
+    kv_type, flash = choose_kv_cache("auto", None, on_gpu=offload, llm_precision=llm_entry.precision)
     return {
         "path": str(bundle),
         "vision_onnx": sorted(have),
@@ -358,6 +359,7 @@ def bundle_plan(bundle: str | os.PathLike[str], available: dict[str, Backend], l
             "n_gpu_layers": -1 if offload else 0,
             "n_ctx": n_ctx,
             "kv_type": kv_type,
+            "n_ubatch": choose_ubatch(None, PipelineOptions.n_batch, offload),
             "flash_attn": "enabled" if flash else "auto" if offload else "disabled",
         },
     }

@@ -31,12 +31,40 @@ Prefer = Literal["cpu", "gpu", "any"]
 VISION_BACKENDS = ("tensorrt", "ort-cuda", "ort-cpu", "openvino")
 GPU_BACKENDS = ("tensorrt", "ort-cuda")
 LLM_BACKEND = "llama.cpp"
-# llama.cpp KV cache types ("q8_0" needs flash attention); f16 is what `LLMOptions` takes unless
-# told. `--kv-type` and the Pipeline also take "auto" (their default): the context size decides
-# (`pipeline.plan.choose_kv_cache`).
-KV_CACHE_TYPES = ("f16", "f32", "q8_0", "bf16")
+# llama.cpp KV caches: name -> (element type of K, element type of V). llama.cpp quantizes V only
+# inside its flash-attention kernel, so a quantized V needs flash attention; a quantized K does not
+# ("q8_0/f16": K in Q8_0, V in F16, no flash attention needed). f16 is what `LLMOptions` takes
+# unless told. `--kv-type` and the Pipeline also take "auto" (their default: the CPU takes
+# "q8_0/f16", `pipeline.plan.choose_kv_cache` says why).
+KV_CACHES: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "f16": ("f16", "f16"),
+        "f32": ("f32", "f32"),
+        "q8_0": ("q8_0", "q8_0"),
+        "bf16": ("bf16", "bf16"),
+        "q8_0/f16": ("q8_0", "f16"),
+    }
+)
+KV_CACHE_TYPES = tuple(KV_CACHES)
+# Bytes per cached value of each element type (Q8_0: 32 values in 34 bytes).
+KV_ELEMENT_BYTES: Mapping[str, float] = MappingProxyType(
+    {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+)
 DEFAULT_KV_CACHE_TYPE = "f16"
 KV_CACHE_CHOICES = ("auto", *KV_CACHE_TYPES)
+
+
+def kv_cache_value_bytes(kv_type: str) -> float:
+    """Mean bytes per cached value (of K and V) of a KV cache name in KV_CACHES."""
+    k, v = KV_CACHES[kv_type]
+    return (KV_ELEMENT_BYTES[k] + KV_ELEMENT_BYTES[v]) / 2
+
+
+def kv_cache_needs_flash(kv_type: str) -> bool:
+    """Whether llama.cpp needs flash attention for this cache: its V is quantized."""
+    return KV_CACHES[kv_type][1] not in ("f32", "f16", "bf16")
+
+
 # transformers dtypes the PyTorch reference runs in (`perf --references`, training/reference.py).
 REFERENCE_DTYPES = ("fp32", "bf16", "fp16")
 

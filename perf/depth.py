@@ -12,14 +12,14 @@ from typing import Any
 from eyecare_edge.perf.rows import TtftParts
 
 from eyecare_edge import costs
-
-# bytes per cached K/V value of llama.cpp's KV cache types
-KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+from eyecare_edge.formats import KV_CACHES, kv_cache_value_bytes
 
 
 def kv_bytes(options: dict[str, Any] | None) -> float:
-    """Bytes per cached value of a llama.cpp run's `kv_type` option (f16 when not set)."""
-    return KV_BYTES.get((options or {}).get("kv_type") or "f16", 2.0)
+    """Mean bytes per cached K/V value of a llama.cpp run's `kv_type` option (f16 when not set or
+    not a cache name, e.g. "auto" of a run that did not report what it resolved to)."""
+    kv = (options or {}).get("kv_type") or "f16"
+    return kv_cache_value_bytes(kv if kv in KV_CACHES else "f16")
 
 
 def ok(row: dict[str, Any]) -> bool:

@@ -124,9 +124,9 @@ def test_gpu_workstation_with_cpu_only_pieces(gpu_workstation, plan_bundle):
     steps = {(s["backend"], s["precision"]): s for s in plan["vision_plan"]}
     assert steps[("tensorrt", "int8")]["reason"] == "bundle has no int8 vision ONNX"
     assert plan["llm"]["device"] == "CPU" and plan["llm"]["precision"] == "q4_k_m"
-    # what `Pipeline.load` would take on this CPU: the tiny bundle's context is small, so Q8_0 + flash
+    # what `Pipeline.load` would take on this CPU: K in Q8_0, V in F16, no flash attention
     llm = plan["llm"]
-    assert llm["n_ctx"] <= 1280 and (llm["kv_type"], llm["flash_attn"]) == ("q8_0", "enabled")
+    assert (llm["kv_type"], llm["flash_attn"], llm["n_ubatch"]) == ("q8_0/f16", "disabled", 256)
     text = "\n".join(doctor.format_text(report))
     assert "gpu 0: NVIDIA RTX 4000 Ada Generation, compute capability 8.9" in text
     assert "vision tensorrt fp16 on GPU 0; llm q4_k_m on CPU" in text

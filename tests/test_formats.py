@@ -8,11 +8,15 @@ import pytest
 from eyecare_edge.formats import (
     GPU_BACKENDS,
     KV_CACHE_TYPES,
+    KV_CACHES,
+    KV_ELEMENT_BYTES,
     LLM_BACKEND,
     VISION_BACKENDS,
     export_formats,
     format_names,
     get_format,
+    kv_cache_needs_flash,
+    kv_cache_value_bytes,
     tolerances,
 )
 from eyecare_edge.presets import DEFAULT_PRESET, PRESETS, get_preset, preset_names
@@ -90,12 +94,20 @@ def test_runtime_lists_equal_the_table():
 
     assert format_names("vision") == vision.PRECISIONS
     assert set(vision.BACKENDS) == {"auto", *VISION_BACKENDS} and vision.GPU_BACKENDS == GPU_BACKENDS
-    assert set(llm.KV_TYPES) == set(KV_CACHE_TYPES)
+    assert {t for pair in KV_CACHES.values() for t in pair} == set(llm.KV_TYPES) == set(KV_ELEMENT_BYTES)
+    assert KV_CACHE_TYPES == tuple(KV_CACHES)
     checks = {f.name: f.engine_check for f in export_formats() if f.engine_check is not None}
     assert checks == engine_build.ENGINE_TOLERANCES
     assert set(engines.ENGINE_PRECISIONS) == set(checks)
     assert format_names("vision", default=True) == build.DEFAULT_VISION
     assert format_names("llm", measured=True) == build.DEFAULT_LLM
+
+
+def test_kv_cache_bytes_and_flash_attention_follow_the_table():
+    assert kv_cache_value_bytes("f16") == 2.0 and kv_cache_value_bytes("q8_0") == 34 / 32
+    assert kv_cache_value_bytes("q8_0/f16") == pytest.approx((34 / 32 + 2.0) / 2)  # K and V apart
+    # llama.cpp quantizes V only inside flash attention; a quantized K alone does not need it
+    assert [name for name in KV_CACHES if kv_cache_needs_flash(name)] == ["q8_0"]
 
 
 def test_click_choices_and_defaults_equal_the_tables():

@@ -281,6 +281,7 @@ def test_offload_defaults(monkeypatch):
     assert llm_mod.resolve_gpu_layers(None) == 0 and llm_mod.resolve_flash_attn(None, 0) == "disabled"
     with pytest.raises(llm_mod.LLMError, match="needs flash_attn"):
         llm_mod.LLMOptions(kv_type="q8_0").validate()
+    llm_mod.LLMOptions(kv_type="q8_0/f16").validate()  # a quantized K alone needs no flash attention
 
 
 def test_llm_says_where_it_runs(assets):

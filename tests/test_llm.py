@@ -466,8 +466,9 @@ def test_bad_options(q4_path) -> None:
         (dict(kv_type="f16"), 0.05),
         (dict(kv_type="bf16"), 0.5),
         (dict(kv_type="q8_0", flash_attn=True), 0.5),
+        (dict(kv_type="q8_0/f16"), 0.5),
     ],
-    ids=["fa", "f16", "bf16", "q8_0-fa"],
+    ids=["fa", "f16", "bf16", "q8_0-fa", "q8_0-k"],
 )
 def test_options_change_numerics_only_slightly(f32_path, f32_lm, options, tolerance, record_property) -> None:
     prompt = chat(QUESTIONS[1])

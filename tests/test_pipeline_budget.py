@@ -18,7 +18,7 @@ from eyecare_edge.bundle import read_manifest, write_manifest
 from eyecare_edge.cli import main
 from eyecare_edge.images import load_image
 from eyecare_edge.pipeline import Pipeline, default_n_ctx
-from eyecare_edge.pipeline.plan import KV_Q8_MAX_CTX, choose_kv_cache
+from eyecare_edge.pipeline.plan import CPU_KV_CACHE, CPU_UBATCH, choose_kv_cache, choose_ubatch
 from eyecare_edge.qa.loaders import load_bench
 from eyecare_edge.reduce import TokenBudget
 
@@ -151,32 +151,42 @@ def test_baked_budget_applies_unless_overridden_and_sizes_n_ctx(assets, tmp_path
         Pipeline.load(bundle, visual_tokens=2.5, **EXACT)
 
 
-def test_auto_kv_cache_is_q8_0_with_flash_on_the_cpu_up_to_the_measured_context(assets, records):
-    small, big = KV_Q8_MAX_CTX, KV_Q8_MAX_CTX + 256
-    assert choose_kv_cache("auto", None, small, on_gpu=False) == ("q8_0", True)
-    assert choose_kv_cache("auto", None, big, on_gpu=False) == ("f16", None)
-    assert choose_kv_cache("auto", False, small, on_gpu=False) == ("f16", False)  # no flash: no q8_0
-    assert choose_kv_cache("auto", None, small, on_gpu=True) == ("f16", None)  # llama.cpp's GPU choice
-    assert choose_kv_cache("f32", None, small, on_gpu=False) == ("f32", None)  # asked for: kept
+def test_auto_kv_cache_is_a_q8_0_k_cache_on_the_cpu_and_answers_like_f16(assets, records):
+    assert CPU_KV_CACHE == "q8_0/f16"
+    assert choose_kv_cache("auto", None, on_gpu=False) == ("q8_0/f16", None)  # no flash attention needed
+    assert choose_kv_cache("auto", True, on_gpu=False) == ("q8_0/f16", True)
+    assert choose_kv_cache("auto", None, on_gpu=True) == ("f16", None)  # llama.cpp's GPU choice
+    assert choose_kv_cache("f32", None, on_gpu=False) == ("f32", None)  # asked for: kept
+    assert choose_kv_cache("q8_0", True, on_gpu=False) == ("q8_0", True)
     # an F32 GGUF is the exact pair with PyTorch: its own cache, no flash attention unless asked
-    assert choose_kv_cache("auto", None, small, on_gpu=False, llm_precision="f32") == ("f32", False)
-    assert choose_kv_cache("auto", True, big, on_gpu=True, llm_precision="f32") == ("f32", True)
+    assert choose_kv_cache("auto", None, on_gpu=False, llm_precision="f32") == ("f32", False)
+    assert choose_kv_cache("auto", True, on_gpu=True, llm_precision="f32") == ("f32", True)
     with Pipeline.load(assets.bundle, llm="f32", **FAST) as pipe:
         assert (pipe.lm.options.kv_type, pipe.lm.options.flash_attn) == ("f32", False)
     from eyecare_edge.qa.answers import parse_choice
 
     closed = [r for r in records if r.task == "closed" and len(r.images) == 1][:8]
     letters = {}
-    for n_ctx, want in ((None, ("q8_0", True)), (big, ("f16", None))):
-        with Pipeline.load(assets.bundle, n_ctx=n_ctx, **FAST) as pipe:
-            assert pipe.lm.n_ctx == big if n_ctx else pipe.lm.n_ctx <= small
+    for kv_type, want in (("auto", ("q8_0/f16", None)), ("f16", ("f16", None))):
+        with Pipeline.load(assets.bundle, kv_type=kv_type, **FAST) as pipe:
             assert (pipe.lm.options.kv_type, pipe.lm.options.flash_attn) == want
-            assert f"KV {want[0]}" in pipe.describe()
+            assert pipe.describe().endswith(f"KV {want[0]}")  # and no "+ flash attention"
             answers = [pipe.ask(r.images, r.prompt_text(), max_tokens=16) for r in closed]
             assert all(a.stop_reason in ("eog", "stop_string") for a in answers)
             letters[want[0]] = [parse_choice(a.text, r.options) for a, r in zip(answers, closed, strict=True)]
-    # the quantized cache picks the option the F16 cache picks, and the (trained) model does pick one
-    assert None not in letters["f16"] and letters["q8_0"] == letters["f16"], letters
+    # the quantized K cache picks the option the F16 cache picks, and the (trained) model does pick one
+    assert None not in letters["f16"] and letters["q8_0/f16"] == letters["f16"], letters
+
+
+def test_ubatch_is_smaller_on_the_cpu_and_reaches_llama_cpp(assets):
+    assert choose_ubatch(None, 512, on_gpu=False) == CPU_UBATCH == 256
+    assert choose_ubatch(None, 128, on_gpu=False) == 128  # never above n_batch
+    assert choose_ubatch(None, 512, on_gpu=True) == 512
+    assert choose_ubatch(64, 512, on_gpu=False) == 64  # asked for: kept
+    with Pipeline.load(assets.bundle, **FAST) as pipe:
+        assert (pipe.lm.n_batch, pipe.lm.n_ubatch) == (512, CPU_UBATCH)  # as llama.cpp reports them
+    with Pipeline.load(assets.bundle, n_ubatch=512, **FAST) as pipe:
+        assert pipe.lm.n_ubatch == 512
 
 
 def test_position_schemes_measurement_is_exact_at_full_budget(assets):

@@ -119,8 +119,8 @@ PIPELINE_FLAGS: dict[str, Flag] = _flags(
     Flag(
         "kv_type",
         ("--kv-type",),
-        "llama.cpp KV cache type [auto: q8_0 with flash attention on the CPU up to a measured n_ctx, "
-        "else f16] (q8_0 needs flash attention).",
+        "llama.cpp KV cache type, K/V where they differ [auto: q8_0/f16 on the CPU (K in Q8_0, V in "
+        "F16), f16 on a GPU, f32 for an F32 GGUF] (q8_0 needs flash attention).",
         click.Choice(KV_CACHE_CHOICES),
         DEFAULTS["kv_type"],
         True,
@@ -128,8 +128,7 @@ PIPELINE_FLAGS: dict[str, Flag] = _flags(
     Flag(
         "flash_attn",
         ("--flash-attn/--no-flash-attn",),
-        "Flash attention [auto: llama.cpp's choice on a GPU; on the CPU on with --kv-type auto's Q8_0 "
-        "cache, else off].",
+        "Flash attention [auto: llama.cpp's choice on a GPU, off on the CPU].",
     ),
     Flag("fundus_crop", ("--crop-fov",), "Crop fundus photos to their circular field of view.", is_flag=True),
     Flag(

@@ -33,7 +33,8 @@ except ImportError as exc:  # pragma: no cover - exercised only on machines with
 else:
     IMPORT_ERROR = None
 
-# ggml_type values for the KV cache (ggml.h; the bindings do not export BF16).
+# ggml_type values of the KV cache's element types (ggml.h; the bindings do not export BF16);
+# `formats.KV_CACHES` pairs them into the caches a context takes (K and V may differ).
 KV_TYPES: dict[str, int] = {"f32": 0, "f16": 1, "q8_0": 8, "bf16": 30}
 _GGUF_MAGIC = b"GGUF"
 

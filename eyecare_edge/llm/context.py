@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eyecare_edge.formats import KV_CACHES
 from eyecare_edge.llm.batch import Batch, array_view
 from eyecare_edge.llm.binding import (
     KV_TYPES,
@@ -70,7 +71,8 @@ class LlamaContext:
             "disabled": lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
             "auto": lib.LLAMA_FLASH_ATTN_TYPE_AUTO,
         }[self.placement.flash_attn]
-        cparams.type_k = cparams.type_v = KV_TYPES[opts.kv_type]
+        type_k, type_v = KV_CACHES[opts.kv_type]
+        cparams.type_k, cparams.type_v = KV_TYPES[type_k], KV_TYPES[type_v]
         cparams.embeddings = False
         cparams.no_perf = True
         ctx = lib.llama_init_from_model(self.model, cparams)
@@ -85,6 +87,7 @@ class LlamaContext:
         self.memory = lib.llama_get_memory(ctx)
         self.n_ctx = int(lib.llama_n_ctx(ctx))
         self.n_batch = int(lib.llama_n_batch(ctx))
+        self.n_ubatch = int(lib.llama_n_ubatch(ctx))
         self.tok_batch = Batch(self.n_batch, 0)
         self.n_past = 0
         self.has_logits = False

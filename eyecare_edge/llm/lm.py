@@ -166,6 +166,11 @@ class LlamaCppLM:
         return self._core.n_batch
 
     @property
+    def n_ubatch(self) -> int:
+        """Rows llama.cpp computes at once (as the context got them)."""
+        return self._core.n_ubatch
+
+    @property
     def n_past(self) -> int:
         """Positions currently in the KV cache (the next evaluation starts here)."""
         return self._core.n_past

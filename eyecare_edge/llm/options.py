@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from eyecare_edge.formats import DEFAULT_KV_CACHE_TYPE
-from eyecare_edge.llm.binding import KV_TYPES, LLMError
+from eyecare_edge.formats import DEFAULT_KV_CACHE_TYPE, KV_CACHES, kv_cache_needs_flash
+from eyecare_edge.llm.binding import LLMError
 from eyecare_edge.llm.device import resolve_flash_attn, resolve_gpu_layers
 
 STOP_REASONS = ("eog", "stop_string", "max_tokens", "context_full")
@@ -27,9 +27,11 @@ class LLMOptions:
     off on the CPU (the Pipeline's kv_type "auto" turns it on with a Q8_0 cache,
     `pipeline.plan.choose_kv_cache`); True/False force it.
     n_threads / n_threads_batch: None means the number of physical cores this process may use
-    (SMT siblings share the FMA units that decode and prefill saturate). kv_type: element type
-    of the K and V caches; "q8_0" needs flash attention (llama.cpp quantizes V only inside its
-    flash-attention kernel). repack: llama.cpp's weight repacking for CPU kernels
+    (SMT siblings share the FMA units that decode and prefill saturate). kv_type: the K and V
+    caches' element types (`formats.KV_CACHES`: "q8_0/f16" is K in Q8_0, V in F16); a quantized V
+    ("q8_0") needs flash attention (llama.cpp quantizes V only inside its flash-attention kernel).
+    n_ubatch: the rows llama.cpp computes at once; its attention scratch is n_ubatch x n_ctx per
+    head without flash attention. repack: llama.cpp's weight repacking for CPU kernels
     (`use_extra_bufts`); measured on a 2-core AVX-512 CPU, turning it off prefilled 3.6k
     embedding rows 2.5x faster, so it is an option rather than a constant. seed: the sampling
     seed used when `generate(seed=None)`, so a deployed bundle answers reproducibly.
@@ -49,12 +51,13 @@ class LLMOptions:
     verbose: bool = False
 
     def validate(self) -> None:
-        if self.kv_type not in KV_TYPES:
-            raise LLMError(f"kv_type {self.kv_type!r} is not one of {', '.join(KV_TYPES)}")
+        if self.kv_type not in KV_CACHES:
+            raise LLMError(f"kv_type {self.kv_type!r} is not one of {', '.join(KV_CACHES)}")
         fa = resolve_flash_attn(self.flash_attn, resolve_gpu_layers(self.n_gpu_layers))
-        if self.kv_type == "q8_0" and fa == "disabled":  # auto on the CPU is disabled too
+        if kv_cache_needs_flash(self.kv_type) and fa == "disabled":  # auto on the CPU is disabled too
             raise LLMError(
-                "kv_type 'q8_0' needs flash_attn=True (llama.cpp quantizes V only with flash attention)"
+                f"kv_type {self.kv_type!r} needs flash_attn=True (llama.cpp quantizes V only with "
+                "flash attention; 'q8_0/f16' quantizes K alone and needs none)"
             )
         for name in ("n_ctx", "n_batch", "n_ubatch"):
             if getattr(self, name) < 1:

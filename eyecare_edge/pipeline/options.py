@@ -16,14 +16,17 @@ class PipelineOptions:
     vision_precision: auto | fp32 | fp16 | int8 | int8_u8s8 (auto: fp16 on GPUs, the fastest
         validated INT8 variant on CPUs, else fp32).
     llm: GGUF precision in the bundle (q4_k_m, q8_0, f16, f32, ...) or auto (see LLM_AUTO_ORDER).
-    n_ctx: context positions; None = the largest image plan + 1024, capped at the model's trained
-        context (and at 4096 for Phi-3.5, see ANCHORS.md).
+    n_ctx: context positions; None = the largest image plan after the token budget + TEXT_ROOM
+        (512), to a multiple of 256, capped at the model's trained context (and at 4096 for
+        Phi-3.5, see ANCHORS.md; `plan.default_n_ctx`).
     n_threads / vision_threads: CPU threads of llama.cpp and of the vision backend (None: the
         physical cores). n_gpu_layers: LLM layers offloaded to a GPU build of llama.cpp (None: all
         when the build can offload, else 0; -1 all; 0 CPU only).
-    kv_type, flash_attn, n_batch, repack: llama.cpp settings (see `LLMOptions`; flash_attn None =
-        auto: llama.cpp's choice on a GPU, off on the CPU). kv_type "auto": a Q8_0 cache with
-        flash attention on the CPU when n_ctx is small enough, else F16 (`plan.choose_kv_cache`).
+    kv_type, flash_attn, n_batch, n_ubatch, repack: llama.cpp settings (see `LLMOptions`;
+        flash_attn None = auto: llama.cpp's choice on a GPU, off on the CPU). kv_type "auto": on
+        the CPU K in Q8_0 and V in F16 ("q8_0/f16"), on a GPU F16, with an F32 GGUF F32
+        (`plan.choose_kv_cache`). n_ubatch None: 256 on the CPU, n_batch on a GPU
+        (`plan.choose_ubatch`; both choices measured, see plan.py).
     fundus_crop: crop colour fundus photos to their circular field of view before tiling.
     max_tiles: token budget: at most this many patch tiles per image (None: the bundle's).
     visual_tokens: visual tokens the LLM reads per image: a count (800), a fraction of the
@@ -46,6 +49,7 @@ class PipelineOptions:
     kv_type: str = "auto"
     flash_attn: bool | None = None
     n_batch: int = 512
+    n_ubatch: int | None = None
     repack: bool = False
     fundus_crop: bool = False
     max_tiles: int | None = None

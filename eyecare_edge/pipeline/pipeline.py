@@ -45,7 +45,7 @@ from eyecare_edge.llm.device import offloads, resolve_gpu_layers
 from eyecare_edge.pipeline.image_prefix import ImagePrefix, prefix_cache_key, restore_prefix, save_prefix
 from eyecare_edge.pipeline.inputs import ImageInput, ImageSource, decode_inputs, decode_source
 from eyecare_edge.pipeline.options import Answer, PipelineOptions
-from eyecare_edge.pipeline.plan import choose_kv_cache, choose_llm, default_n_ctx, token_budget
+from eyecare_edge.pipeline.plan import choose_kv_cache, choose_llm, choose_ubatch, default_n_ctx, token_budget
 from eyecare_edge.prefix_cache import PrefixCache
 from eyecare_edge.preprocess import PreprocessConfig, TilePlan, preprocess_images
 from eyecare_edge.prompts import (
@@ -157,14 +157,14 @@ class Pipeline:
         n_ctx = opts.n_ctx or default_n_ctx(manifest, preprocess, budget)
         on_gpu = offloads(resolve_gpu_layers(opts.n_gpu_layers))
         kv_type, flash_attn = choose_kv_cache(
-            opts.kv_type, opts.flash_attn, n_ctx, on_gpu=on_gpu, llm_precision=llm_entry.precision
+            opts.kv_type, opts.flash_attn, on_gpu=on_gpu, llm_precision=llm_entry.precision
         )
         lm = LlamaCppLM(
             root / llm_entry.path,
             LLMOptions(
                 n_ctx=n_ctx,
                 n_batch=opts.n_batch,
-                n_ubatch=opts.n_batch,
+                n_ubatch=choose_ubatch(opts.n_ubatch, opts.n_batch, on_gpu),
                 n_threads=opts.n_threads,
                 n_gpu_layers=opts.n_gpu_layers,
                 kv_type=kv_type,

@@ -18,18 +18,23 @@ LLM_AUTO_ORDER = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0", "f16", "bf16", "f3
 TEXT_ROOM = 512
 # Phi-3.5's LongRoPE switches factors at 4096 in HF but by allocated context in llama.cpp.
 PHI3_MAX_CTX = 4096
-# kv_type "auto" on the CPU: a Q8_0 KV cache (with the flash attention llama.cpp needs for it) up
-# to this many positions, F16 without flash attention above. Measured at eyecare-3.8b shapes
-# (`perf`, 2-core EPYC, Q4_K_M, extrapolated to full depth), Q8_0 + flash against F16, two runs:
-#   n_ctx 1280 (15% pool): peak RSS 3.58-3.60 vs 3.85-3.87 GB (1.27x vs 1.37x the bundle), TTFT
-#     +4% and +8%, decode -10% and +9% (noise);
-#   n_ctx 1792 (25% pool, the default budget since the demo model reads drusen; one run): 3.72
-#     vs 4.07 GB (1.32x vs 1.45x), but TTFT +25% (27.7 vs 22.2 s);
-#   n_ctx 2816 (50% pool): 3.90 vs 4.56 GB, but TTFT +58% and +71%;
-#   n_ctx 4096 (every token): 4.18 vs 5.27 GB, TTFT 2.8x in both.
-# llama.cpp's CPU flash-attention kernel slows prefill as the context grows, so the cheaper cache
-# is taken only where it was measured to cost under 10% of TTFT.
-KV_Q8_MAX_CTX = 1280
+# kv_type "auto" on the CPU: K in Q8_0, V in F16, no flash attention. A Q8_0 K is read by
+# llama.cpp's quantized dot products (Q is quantized to Q8_0 per row), so it is faster as well as
+# smaller; a Q8_0 V needs the flash-attention kernel, whose CPU prefill slows as the context
+# grows. Measured on a 2-core EPYC (AVX-512), eyecare-3.8b shapes at 2 of 32 LLM layers, Q4_K_M,
+# the HRF photo, fastest of 3 asks (/tmp probes; `perf`'s KV rows repeat it at full depth):
+#   n_ctx 1792 (25% pool, the default budget): prefill 844 vs 857 ms (F16) vs 1187 ms (Q8_0 +
+#     flash), decode 100 vs 82 vs 85 tok/s;
+#   n_ctx 1280 (15% pool): prefill 460 ms vs 586 ms (Q8_0 + flash), decode 105 vs 98 tok/s;
+#   n_ctx 4096 (every token): prefill 4.45 vs 5.34 s (F16), decode 68 vs 50 tok/s.
+# The cache is 0.77x F16 (Q8_0 + flash: 0.53x). The demo model answered all 430 bench items
+# (400 closed, 30 open) word for word as with F16.
+CPU_KV_CACHE = "q8_0/f16"
+# n_ubatch on the CPU: llama.cpp's attention scratch without flash attention is n_ubatch x n_ctx x
+# heads floats (117 MB at 512 x 1792 x 32). 256 lowered peak RSS by 55 MB at n_ctx 1792 and by
+# 195 MB at 4096 (same probes), prefill within the run-to-run noise (848 vs 857 ms, 4.82 vs
+# 5.34 s); 128 saved 21 MB more but prefilled 13% slower. On a GPU, n_batch (larger batches keep it busy).
+CPU_UBATCH = 256
 
 
 def choose_llm(manifest: Manifest, wanted: str) -> FileEntry:
@@ -83,19 +88,26 @@ def token_budget(manifest: Manifest, visual_tokens: object = None, method: str |
 
 
 def choose_kv_cache(
-    kv_type: str, flash_attn: bool | None, n_ctx: int, on_gpu: bool, llm_precision: str | None = None
+    kv_type: str, flash_attn: bool | None, on_gpu: bool, llm_precision: str | None = None
 ) -> tuple[str, bool | None]:
     """(kv_type, flash_attn) for llama.cpp: what was asked, or for kv_type "auto":
     - an F32 GGUF, the export check against PyTorch: an F32 cache without flash attention (unless
-      asked for), which matches transformers to ~1e-6, where a Q8_0 cache changed 1 of 9 greedy
-      answers of the test bundle;
-    - else a Q8_0 cache with flash attention when the LLM runs on the CPU, flash attention was not
-      turned off and n_ctx <= KV_Q8_MAX_CTX; F16 otherwise (on a GPU, llama.cpp's own flash
-      attention choice)."""
+      asked for), which matches transformers to ~1e-6;
+    - on a GPU: F16 with llama.cpp's own flash attention choice;
+    - on the CPU: CPU_KV_CACHE (K in Q8_0, V in F16) at any context, flash attention as asked
+      (off unless asked), at every context size (see CPU_KV_CACHE for the measurements)."""
     if kv_type != "auto":
         return kv_type, flash_attn
     if llm_precision == "f32":
         return "f32", False if flash_attn is None else flash_attn
-    if on_gpu or flash_attn is False or n_ctx > KV_Q8_MAX_CTX:
+    if on_gpu:
         return "f16", flash_attn
-    return "q8_0", True
+    return CPU_KV_CACHE, flash_attn
+
+
+def choose_ubatch(n_ubatch: int | None, n_batch: int, on_gpu: bool) -> int:
+    """llama.cpp's n_ubatch: what was asked, else CPU_UBATCH on the CPU and n_batch on a GPU
+    (never above n_batch)."""
+    if n_ubatch is not None:
+        return n_ubatch
+    return n_batch if on_gpu else min(CPU_UBATCH, n_batch)

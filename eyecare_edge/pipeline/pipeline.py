@@ -222,7 +222,7 @@ class Pipeline:
 
     def _visual(self, tiles: list[np.ndarray], plans: list[TilePlan]) -> list[np.ndarray]:
         """Tile embeddings of all images in one encoder call, laid out per image."""
-        embeds = self.vision.encoder.encode(np.concatenate(tiles, axis=0))
+        embeds = self.vision.encoder.encode(tiles[0] if len(tiles) == 1 else np.concatenate(tiles, axis=0))
         if embeds.ndim != 3 or embeds.shape[0] != sum(p.n_tiles for p in plans):
             raise VisionError(
                 f"vision output has shape {embeds.shape} for {sum(p.n_tiles for p in plans)} tiles"
@@ -302,9 +302,10 @@ class Pipeline:
         )
         timings = {"decode_ms": 1000.0 * (t_decoded - t0), "preprocess_ms": 0.0, "vision_ms": 0.0}
         prefix_prefill_ms = 0.0
+        has_images = bool(inputs)
         with self._lock, self.lm.exclusive():
             cached = self._prefix is not None and self._prefix.key == key
-            if not cached and inputs and self.prefix_cache is not None:
+            if not cached and has_images and self.prefix_cache is not None:
                 cached = self._restore_prefix(key, timings)
             if cached:
                 self.lm.rewind(self._prefix.mark)
@@ -313,12 +314,16 @@ class Pipeline:
                 self.lm.reset()
                 t = time.perf_counter()
                 tiles, plans = self._tiles(inputs)
+                # the decoded pixels, then the tiles, are not needed past here: freed before the
+                # vision run and the prefill, whose scratch memory is this process's peak
+                del inputs
                 t_pre = time.perf_counter()
-                sequences = self._visual(tiles, plans) if inputs else []
+                sequences = self._visual(tiles, plans) if has_images else []
+                del tiles
                 t_vis = time.perf_counter()
                 timings["preprocess_ms"] = 1000.0 * (t_pre - t)
                 timings["vision_ms"] = 1000.0 * (t_vis - t_pre)
-                timings["layout_ms"] = self._layout_ms if inputs else 0.0
+                timings["layout_ms"] = self._layout_ms if has_images else 0.0
                 parts: list[str | np.ndarray] = []
                 for text, seq in zip(pieces[:-1], sequences, strict=True):
                     parts += [text, seq]
@@ -329,7 +334,7 @@ class Pipeline:
                     raise
                 prefix_prefill_ms = 1000.0 * (time.perf_counter() - t_vis)
                 self._prefix = ImagePrefix(key, self.lm.mark(), sum(s.shape[0] for s in sequences))
-                if inputs and self.prefix_cache is not None:
+                if has_images and self.prefix_cache is not None:
                     self._save_prefix(timings)
             n_image_tokens = self._prefix.n_image_tokens
             gen = self.lm.generate(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eyecare_edge.heap import release_free_heap
 from eyecare_edge.vision.encoder import INPUT_NAME, OUTPUT_NAME, VisionError, default_threads, validate_tiles
 
 ORT_CPU_INSTALL = "pip install 'eyecare-edge[cpu]'"
@@ -49,6 +50,8 @@ class OnnxRuntimeVision:
             self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise VisionError(f"{onnx_path}: ONNX Runtime cannot load it ({e})") from e
+        finally:
+            release_free_heap()  # the parsed ONNX's buffers: ~0.7x the file (eyecare_edge.heap)
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise VisionError("ONNX Runtime could not initialise CUDA (driver/CUDA/cuDNN mismatch?)")
         names_in = [i.name for i in self.session.get_inputs()]
@@ -83,6 +86,7 @@ class OnnxRuntimeVision:
             # written into one output array (no list + concatenate copy), and the last run of a
             # call hands the arena back, so the LLM's prefill that follows does not sit on top of it.
             n = len(tiles)  # >= 1 (validate_tiles)
+            release_free_heap()  # what decoding and tiling freed, before the activations (heap.py)
             run = [self._release if i == n - 1 else None for i in range(n)]
             first = self.session.run([OUTPUT_NAME], {INPUT_NAME: tiles[:1]}, run[0])[0]
             out = np.empty((n, *first.shape[1:]), dtype=np.float32)

@@ -39,6 +39,12 @@ class OnnxRuntimeVision:
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        if device == "cpu":
+            # No memory pattern: with it ONNX Runtime plans one block for the whole run's
+            # activations; without it a tile's run peaked 26-29 MB lower (steady-state peak RSS of
+            # an ask, 2+2 layers of eyecare-3.8b, 25% pool and every token), at the same speed
+            # (int8_u8s8, 6 SigLIP layers: 331-338 ms a tile either way, fastest of 12).
+            opts.enable_mem_pattern = False
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise VisionError(f"ONNX Runtime has no CUDA provider here: {ORT_GPU_INSTALL}")

@@ -36,6 +36,7 @@ TARGETS: list[tuple[str, str, str, float]] = [
     ("default token budget TTFT <= 0.3x full-token TTFT", "ttft_default_over_full", "<=", 0.3),
     ("fast token budget TTFT <= 0.12x full-token TTFT", "ttft_fast_over_full", "<=", 0.12),
     ("default budget within 1 point of full-token accuracy", "accuracy_delta_default_points", ">=", -1.0),
+    ("default-budget decode >= 60% of the bandwidth bound", "decode_fraction_of_bound_default", ">=", 0.6),
 ]
 GPU_TARGETS: list[tuple[str, str, str, float]] = [
     ("GPU vision >= 3x torch eager FP16 per tile", "gpu_vision_speedup_vs_fp16", ">=", 3.0),

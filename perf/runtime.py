@@ -330,10 +330,11 @@ def measure_pipeline(
             "llm_precision": pipe.llm_entry.precision,
             "n_ctx": pipe.lm.n_ctx,
             "n_batch": pipe.lm.n_batch,
-            # with kv_type/flash_attn as llama.cpp got them (the Pipeline resolves kv_type "auto")
+            # with kv_type/flash_attn/n_ubatch as llama.cpp got them (the Pipeline resolves auto and None)
             "options": {
                 **{k: v for k, v in pipe.options.__dict__.items() if not k.startswith("_")},
                 "kv_type": pipe.lm.options.kv_type,
+                "n_ubatch": pipe.lm.n_ubatch,
                 "flash_attn": pipe.lm.options.flash_attn,
             },
             "preprocess": {"max_tiles": pipe.preprocess.max_tiles, "anyres_max": pipe.preprocess.anyres_max},

@@ -41,7 +41,7 @@ from eyecare_edge.perf.rows import (
 
 from eyecare_edge import costs
 
-LLAMA_SETTINGS = ("n_batch", "repack", "flash_attn", "kv_type", "n_threads")
+LLAMA_SETTINGS = ("n_batch", "n_ubatch", "repack", "flash_attn", "kv_type", "n_threads")
 
 
 def _failed(system: str | None, kind: str | None, raw: dict[str, Any]) -> Failed:

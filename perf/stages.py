@@ -16,12 +16,12 @@ from eyecare_edge.perf.runner import Runner
 # threads with OpenMP barriers, which spin while a sibling thread is descheduled.
 SWEEP: dict[str, tuple[dict, dict]] = {
     "default": ({}, {}),
-    # the default's KV cache follows n_ctx (`pipeline.plan.choose_kv_cache`): the other choice too
+    # the default's KV cache on the CPU is K in Q8_0, V in F16 (`pipeline.plan.choose_kv_cache`)
     "kv f16, no flash": ({"kv_type": "f16", "flash_attn": False}, {}),
     "repack off": ({"repack": False}, {}),
     "flash attention": ({"flash_attn": True}, {}),
     "flash + q8_0 KV": ({"flash_attn": True, "kv_type": "q8_0"}, {}),
-    "ubatch 256": ({"n_batch": 256, "n_ubatch": 256}, {}),
+    "ubatch 512": ({"n_batch": 512, "n_ubatch": 512}, {}),
     "batch/ubatch 1024": ({"n_batch": 1024, "n_ubatch": 1024}, {}),
     "repack off + flash": ({"repack": False, "flash_attn": True}, {}),
     "1 thread": ({"n_threads": 1}, {}),
@@ -177,7 +177,7 @@ def _llm_options(opts: PerfOptions, default: dict, **changes) -> dict:
     base = {
         "n_ctx": default.get("n_ctx") or 4096,
         "n_batch": o.get("n_batch", 512),
-        "n_ubatch": o.get("n_batch", 512),
+        "n_ubatch": o.get("n_ubatch") or o.get("n_batch", 512),
         "n_threads": opts.threads,
         "kv_type": o.get("kv_type", "f16"),
         "flash_attn": o.get("flash_attn", False),

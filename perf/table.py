@@ -253,6 +253,7 @@ def render_token_table(token_rows: list[dict], summary: dict) -> list[str]:
         "prefill s",
         "TTFT s",
         "decode tok/s",
+        "of bound",
         "peak RSS",
         "accuracy [95% CI]",
     ]
@@ -269,6 +270,7 @@ def render_token_table(token_rows: list[dict], summary: dict) -> list[str]:
                 _f(s and s.prefill_ms_full and s.prefill_ms_full / 1000, "{:.1f}"),
                 _f(s and s.ttft_ms_full and s.ttft_ms_full / 1000, "{:.1f}"),
                 _f(s and s.decode_tok_s_full, "{:.1f}"),
+                _f(s and s.decode_fraction_of_bound, "{:.0%}"),
                 _f(rss_full and rss_full / 1e9, "{:.2f} GB"),
                 _accuracy_cell(r),
             ]

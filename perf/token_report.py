@@ -16,6 +16,7 @@ from eyecare_edge.perf.depth import Model, kv_bytes, split_ttft, ttft_full
 from eyecare_edge.perf.rows import ABSENT_WHEN_NONE, Row
 from eyecare_edge.perf.sections import rss_figures
 
+from eyecare_edge import costs
 from eyecare_edge.reduce import NAMED_BUDGETS
 
 DEFAULT_RULE_POINTS = 1.0
@@ -66,10 +67,14 @@ class TokenSpeed(Row):
     peak_rss_bytes: float | None
     peak_rss_bytes_full: float | None
     peak_rss_over_bundle_full: float | None
+    # the KV cache llama.cpp got (its kv_type, "+ flash" with flash attention)
+    kv_cache: str | None = field(default=None, metadata=ABSENT_WHEN_NONE)
     # KV variant rows decode KV_DECODE_TOKENS (measured, and scaled to full depth by the bytes a
-    # token reads: weights + KV cache, as `sections.llm_figures` does); absent elsewhere
+    # token reads: weights + KV cache, as `sections.llm_figures` does), with the measured speed's
+    # fraction of the bandwidth bound (bytes of a token at this prompt length); absent elsewhere
     decode_tok_s: float | None = field(default=None, metadata=ABSENT_WHEN_NONE)
     decode_tok_s_full: float | None = field(default=None, metadata=ABSENT_WHEN_NONE)
+    decode_fraction_of_bound: float | None = field(default=None, metadata=ABSENT_WHEN_NONE)
 
 
 @dataclass
@@ -132,11 +137,17 @@ def _speed(res: dict, model: Model, encode: dict[int, float]) -> TokenSpeed:
     mem = rss_figures(res, model)
     decode = res.get("decode_tok_s")
     wb = model.gguf.get(res.get("llm_precision"))
-    decode_full = (
-        decode * model.decode_scale(wb, res["n_prompt"], kv_bytes(res.get("options")))
+    kv = kv_bytes(res.get("options"))
+    decode_full = decode * model.decode_scale(wb, res["n_prompt"], kv) if decode and wb is not None else None
+    bound = (
+        costs.decode_bound_tok_s(model.bandwidth, model.decode_bytes(wb, res["n_prompt"], kv, full=False))
         if decode and wb is not None
         else None
     )
+    options = res.get("options") or {}
+    kv_cache = None
+    if options.get("kv_type"):
+        kv_cache = options["kv_type"] + (" + flash" if options.get("flash_attn") else "")
     return TokenSpeed(
         layout_ms=layout,
         n_tiles=res["n_tiles"],
@@ -152,8 +163,10 @@ def _speed(res: dict, model: Model, encode: dict[int, float]) -> TokenSpeed:
         peak_rss_bytes=mem.peak_rss_bytes if mem else None,
         peak_rss_bytes_full=mem.peak_rss_bytes_full if mem else None,
         peak_rss_over_bundle_full=mem.peak_rss_over_bundle_full if mem else None,
+        kv_cache=kv_cache,
         decode_tok_s=decode,
         decode_tok_s_full=decode_full,
+        decode_fraction_of_bound=costs.fraction(decode, bound) if decode and bound else None,
     )
 
 
@@ -188,7 +201,8 @@ def token_rows(raw: dict, model: Model) -> list[TokenRow]:
 def token_summary(rows: list[TokenRow]) -> tuple[dict, dict]:
     """(summary, ratios): the chosen default and fast rows, KV choice, and the perf.json ratios
     ttft_default_over_full, ttft_fast_over_full, accuracy_delta_default_points,
-    peak_rss_over_bundle (at the default budget)."""
+    peak_rss_over_bundle and decode_fraction_of_bound_default (at the default budget; decode from
+    the KV variant row with the cache the default run got)."""
     speed = [r for r in rows if not r.kv]
     full = next((r for r in speed if r.name == "full" and r.speed is not None), None)
     chosen = choose_default([r.candidate() for r in speed])
@@ -218,6 +232,9 @@ def token_summary(rows: list[TokenRow]) -> tuple[dict, dict]:
     for r in rows:
         if r.kv and r.speed is not None:
             kv.setdefault(r.name, {})[r.kv] = r.speed
+    own_kv = default.speed.kv_cache if default is not None and default.speed is not None else None
+    default_decode = kv.get(default.name, {}).get(f"kv {own_kv}") if default is not None and own_kv else None
+    decode_default = default_decode.decode_fraction_of_bound if default_decode else None
     ratios = {
         "ttft_default_over_full": over(default),
         "ttft_fast_over_full": over(fast),
@@ -225,6 +242,7 @@ def token_summary(rows: list[TokenRow]) -> tuple[dict, dict]:
         if acc_default is not None and acc_full is not None
         else None,
         "peak_rss_over_bundle": default.speed.peak_rss_over_bundle_full if default and default.speed else None,
+        "decode_fraction_of_bound_default": decode_default,
     }
     summary = {
         "rule": rule,
@@ -238,6 +256,7 @@ def token_summary(rows: list[TokenRow]) -> tuple[dict, dict]:
                     "peak_rss_over_bundle_full": v.peak_rss_over_bundle_full,
                     "decode_tok_s": v.decode_tok_s,
                     "decode_tok_s_full": v.decode_tok_s_full,
+                    "decode_fraction_of_bound": v.decode_fraction_of_bound,
                 }
                 for k, v in variants.items()
             }

@@ -7,8 +7,8 @@ question type (fine lesions such as haemorrhages and microaneurysms are the firs
 they are counted apart). The rule for the default budget is `token_report.choose_default`.
 
 The KV cache type is compared the same way (F16, F16 + flash attention, Q8_0 + flash attention,
-which llama.cpp needs for a quantized V), with decode, at the default budget, at 50% and at every
-token: what `pipeline.plan.KV_Q8_MAX_CTX` was chosen from. This module holds the grid and the accuracy
+which llama.cpp needs for a quantized V, and K alone in Q8_0), with decode, at the default budget,
+at 50% and at every token: what `pipeline.plan.CPU_KV_CACHE` was chosen from. This module holds the grid and the accuracy
 child; the report side (typed rows, the rule, the table) is `token_report`.
 """
 
@@ -21,11 +21,13 @@ from eyecare_edge.reduce import METHODS, NAMED_BUDGETS
 TOKEN_FRACTIONS = (0.5, 0.25, 0.15, 0.1)
 TOKEN_METHODS = METHODS
 # KV cache variants timed at the default budget and at every token, with decode: label ->
-# PipelineOptions changes. `kv f16` pins what was the default before `auto` (F16, no flash).
+# PipelineOptions changes. `kv f16` pins what was the default before `auto` (F16, no flash);
+# `kv q8_0/f16` is what `auto` takes on the CPU.
 KV_VARIANTS: dict[str, dict] = {
     "kv f16": {"kv_type": "f16", "flash_attn": False},
     "kv f16 + flash": {"kv_type": "f16", "flash_attn": True},
     "kv q8_0 + flash": {"kv_type": "q8_0", "flash_attn": True},
+    "kv q8_0/f16": {"kv_type": "q8_0/f16", "flash_attn": False},
 }
 # Answer tokens decoded in each KV variant's run (decode speed depends on the KV type and on
 # flash attention, the prefill rows decode one token only)

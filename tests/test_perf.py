@@ -515,7 +515,7 @@ def test_run_perf_end_to_end_on_the_tiny_bundle(tiny_bundle, tiny_checkpoint, sm
     # the KV cache variants at the default budget and at every token, each with decode measured
     default = report["token_budget_summary"]["default"]
     assert {(r["name"], r["kv"]) for r in kv} == {
-        (b, v) for b in {default, "50% pool", "full"} for v in ("kv f16", "kv f16 + flash", "kv q8_0 + flash")
+        (b, v) for b in {default, "50% pool", "full"} for v in ("kv f16", "kv f16 + flash", "kv q8_0 + flash", "kv q8_0/f16")
     }
     for r in kv:  # tiny: measured at full depth, nothing extrapolated
         assert r["decode_tok_s"] > 0 and r["decode_tok_s_full"] == pytest.approx(r["decode_tok_s"])

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+from eyecare_edge.perf.depth import Model
 from eyecare_edge.perf.report import build_report
 from eyecare_edge.perf.table import render_table
 from eyecare_edge.perf.token_report import Candidate, choose_default
 from eyecare_edge.perf.tokens import pipeline_overrides, question_type, token_grid
 from test_perf import _raw
 
+from eyecare_edge import costs
 from eyecare_edge.cli import main
 from eyecare_edge.reduce import NAMED_BUDGETS
 
@@ -98,8 +100,18 @@ def test_default_budget_rule_ratios_and_table():
     # the same measured RSS extrapolates to less at full depth with a Q8_0 cache (34/32 bytes a
     # value against F16's 2 in every missing layer)
     assert q8["peak_rss_bytes_full"] < summary["kv_variants"]["25% pool"]["kv f16"]["peak_rss_bytes_full"]
+    # decode at the default budget: the KV variant row with the cache the default run got (f16)
+    raw = _token_raw()
+    model = Model(raw)
+    wb = model.gguf["q4_k_m"]
+    bound = costs.decode_bound_tok_s(model.bandwidth, model.decode_bytes(wb, 841 + 35, 2.0, full=False))
+    assert r["decode_fraction_of_bound_default"] == pytest.approx(60.0 / bound)
+    assert rows[("25% pool", "kv f16")]["decode_fraction_of_bound"] == pytest.approx(60.0 / bound)
+    assert rows[("25% pool", "kv f16")]["kv_cache"] == "f16"
+    assert rows[("25% pool", "kv q8_0 + flash")]["kv_cache"] == "q8_0 + flash"
     targets = {t["key"]: t for t in report["targets"]}
     assert targets["accuracy_delta_default_points"]["met"] is True
+    assert targets["decode_fraction_of_bound_default"]["value"] == pytest.approx(60.0 / bound)
     text = render_table(report)
     assert "Visual-token budgets x reduction method" in text and "default budget: 25% pool" in text
     assert "fundus: haemorrhage/microaneurysm" in text

@@ -19,16 +19,17 @@ TEXT_ROOM = 512
 # Phi-3.5's LongRoPE switches factors at 4096 in HF but by allocated context in llama.cpp.
 PHI3_MAX_CTX = 4096
 # kv_type "auto" on the CPU: K in Q8_0, V in F16, no flash attention. A Q8_0 K is read by
-# llama.cpp's quantized dot products (Q is quantized to Q8_0 per row), so it is faster as well as
-# smaller; a Q8_0 V needs the flash-attention kernel, whose CPU prefill slows as the context
-# grows. Measured on a 2-core EPYC (AVX-512), eyecare-3.8b shapes at 2 of 32 LLM layers, Q4_K_M,
-# the HRF photo, fastest of 3 asks (/tmp probes; `perf`'s KV rows repeat it at full depth):
-#   n_ctx 1792 (25% pool, the default budget): prefill 844 vs 857 ms (F16) vs 1187 ms (Q8_0 +
-#     flash), decode 100 vs 82 vs 85 tok/s;
-#   n_ctx 1280 (15% pool): prefill 460 ms vs 586 ms (Q8_0 + flash), decode 105 vs 98 tok/s;
-#   n_ctx 4096 (every token): prefill 4.45 vs 5.34 s (F16), decode 68 vs 50 tok/s.
-# The cache is 0.77x F16 (Q8_0 + flash: 0.53x). The demo model answered all 430 bench items
-# (400 closed, 30 open) word for word as with F16.
+# llama.cpp's quantized dot products, so it is faster as well as smaller; a quantized V needs the
+# flash-attention kernel, which on the CPU slows prefill as the context grows (with a Q8_0 K too:
+# 1457 vs 800 ms at n_ctx 1792). `perf`'s KV rows on the 2-core EPYC (AVX-512), eyecare-3.8b
+# extrapolated to full depth, Q4_K_M, the HRF photo (TTFT s / decode tok/s / peak RSS GB):
+#   n_ctx 1792 (25% pool, the default budget): q8_0/f16 21.6 / 9.0 / 3.74, F16 22.3 / 8.2 / 3.91,
+#     F16 + flash 20.7 / 6.5 / 3.88, Q8_0 + flash 27.1 / 7.7 / 3.55;
+#   n_ctx 2816 (50% pool): 38.4 / 7.1 / 4.10, F16 38.2 / 6.2 / 4.35, Q8_0 + flash 66.7 / 5.4 / 3.78;
+#   n_ctx 4096 (every token): 79.8 / 5.5 / 4.58, F16 96.4 / 4.2 / 4.96, Q8_0 + flash 251 / 3.2 / 4.03.
+# Q8_0 + flash attention is the smallest, but at the default budget it costs 25% more TTFT (0.35x
+# full-token TTFT: that target missed instead). The demo model answered all 430 bench items (400
+# closed, 30 open) word for word as with F16.
 CPU_KV_CACHE = "q8_0/f16"
 # n_ubatch on the CPU: llama.cpp's attention scratch without flash attention is n_ubatch x n_ctx x
 # heads floats (117 MB at 512 x 1792 x 32). 256 lowered peak RSS by 55 MB at n_ctx 1792 and by

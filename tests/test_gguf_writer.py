@@ -606,3 +606,41 @@ def test_header_reader_matches_gguf_reader(exported):
         assert info.shape == tuple(int(d) for d in tensor.shape)
         assert info.type_name == tensor.tensor_type.name
         assert np.array_equal(tensor_bytes(ex.f32, info), np.asarray(tensor.data).view(np.uint8).reshape(-1))
+
+
+# ---------------------------------------------------------------- KV cache on odd head sizes
+
+
+def test_a_quantized_k_cache_on_heads_its_blocks_do_not_divide_is_refused_not_an_abort(exported, tmp_path):
+    """llama.cpp aborts the process (GGML_ASSERT in ggml_view) when a Q8_0 K cache meets a head
+    size that is not a multiple of 32. The context refuses such a model with the reason, or takes
+    `kv_fallback` (the Pipeline's auto: F16); a head size of 64 keeps the Q8_0 K."""
+    from eyecare_edge.llm import LlamaCppLM, LLMError, LLMOptions
+
+    tokenizer = _tokenizer("gpt-2")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=_rows(tokenizer),
+            hidden_size=240,
+            num_hidden_layers=1,
+            num_attention_heads=3,  # head size 80
+            num_key_value_heads=3,
+            intermediate_size=256,
+            max_position_embeddings=512,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+    path = tmp_path / "head80-f32.gguf"
+    write_llm_gguf(model, tokenizer, path, out_type="f32", name="eyecare-test")
+    base = dict(n_ctx=256, n_threads=1)
+    for asked in (dict(kv_type="q8_0/f16"), dict(kv_type="q8_0", flash_attn=True)):
+        with pytest.raises(LLMError, match=r"head size \(80\); use kv_type 'f16'"):
+            LlamaCppLM(path, LLMOptions(**base, **asked))
+    with LlamaCppLM(path, LLMOptions(**base, kv_type="q8_0/f16", kv_fallback="f16")) as lm:
+        assert lm.options.kv_type == "f16"
+        assert len(lm.generate(4, prompt=["hello there"]).tokens) >= 1
+    with LlamaCppLM(exported("llama").f32, LLMOptions(**base, kv_type="q8_0/f16", kv_fallback="f16")) as lm:
+        assert lm.options.kv_type == "q8_0/f16"  # head size 64: two Q8_0 blocks

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from eyecare_edge.formats import KV_CACHES
+from eyecare_edge.gguf_header import GGML_TYPES
 from eyecare_edge.llm.batch import Batch, array_view
 from eyecare_edge.llm.binding import (
     KV_TYPES,
@@ -56,6 +57,7 @@ class LlamaContext:
         self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
         self.n_embd = int(lib.llama_model_n_embd_inp(self.model))
         self.n_layer = int(lib.llama_model_n_layer(self.model))
+        self.kv_type = self._usable_kv_type(opts)
 
         threads = opts.n_threads or physical_cores()
         threads_batch = opts.n_threads_batch or threads
@@ -71,7 +73,7 @@ class LlamaContext:
             "disabled": lib.LLAMA_FLASH_ATTN_TYPE_DISABLED,
             "auto": lib.LLAMA_FLASH_ATTN_TYPE_AUTO,
         }[self.placement.flash_attn]
-        type_k, type_v = KV_CACHES[opts.kv_type]
+        type_k, type_v = KV_CACHES[self.kv_type]
         cparams.type_k, cparams.type_v = KV_TYPES[type_k], KV_TYPES[type_v]
         cparams.embeddings = False
         cparams.no_perf = True
@@ -80,7 +82,7 @@ class LlamaContext:
             self.free()
             raise LLMError(
                 f"{path}: llama.cpp could not create a context "
-                f"(n_ctx={opts.n_ctx}, n_batch={opts.n_batch}, kv_type={opts.kv_type}, "
+                f"(n_ctx={opts.n_ctx}, n_batch={opts.n_batch}, kv_type={self.kv_type}, "
                 f"flash_attn={self.placement.flash_attn}, n_gpu_layers={self.placement.gpu_layers})"
             )
         self.ctx = ctx
@@ -93,6 +95,39 @@ class LlamaContext:
         self.has_logits = False
         self._eog: frozenset[int] | None = None  # found on first use: a vocabulary scan
         self._pieces: list[bytes] | None = None
+
+    def _meta(self, key: str) -> str | None:
+        """A GGUF metadata value as llama.cpp read it (None when absent)."""
+        buf = ctypes.create_string_buffer(256)
+        n = lib.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def head_size_k(self) -> int:
+        """Values per attention head in the K cache: `{arch}.attention.key_length`, else
+        n_embd / n_head."""
+        arch = self._meta("general.architecture") or ""
+        key_length = self._meta(f"{arch}.attention.key_length")
+        if key_length and key_length.isdigit():
+            return int(key_length)
+        return int(lib.llama_model_n_embd(self.model)) // max(int(lib.llama_model_n_head(self.model)), 1)
+
+    def _usable_kv_type(self, opts: LLMOptions) -> str:
+        """opts.kv_type, or opts.kv_fallback where this model cannot take it: llama.cpp views a
+        quantized K cache per head, and a head size its blocks do not divide aborts the process
+        (a GGML_ASSERT in ggml_view, measured with a head size of 80 and a Q8_0 K), so it is
+        refused here with the reason instead."""
+        k = KV_CACHES[opts.kv_type][0]
+        block = GGML_TYPES[KV_TYPES[k]][1]
+        head = self.head_size_k()
+        if head % block == 0:
+            return opts.kv_type
+        if opts.kv_fallback is not None:
+            return opts.kv_fallback
+        self.free()
+        raise LLMError(
+            f"{self.path}: kv_type {opts.kv_type!r} keeps K in {k}, whose {block}-value blocks do not "
+            f"divide this model's attention head size ({head}); use kv_type 'f16'"
+        )
 
     def free(self) -> None:
         """Free the batches, the context and the model, in that order, exactly once."""

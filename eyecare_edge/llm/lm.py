@@ -40,6 +40,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,8 @@ class LlamaCppLM:
         self.options = options or LLMOptions()
         self.options.validate()
         self._core = LlamaContext(self.path, self.options)
+        if self._core.kv_type != self.options.kv_type:  # kv_fallback taken: say so in the options
+            self.options = replace(self.options, kv_type=self._core.kv_type)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -24,12 +24,15 @@ class LLMOptions:
     n_gpu_layers: layers offloaded to a GPU build of llama.cpp; None (default) = every layer when
     `llama_supports_gpu_offload()` (a CUDA/Metal/Vulkan build), else 0; -1 = all; 0 = CPU only.
     flash_attn: None (default) = auto: llama.cpp's own per-device choice when layers are offloaded,
-    off on the CPU (the Pipeline's kv_type "auto" turns it on with a Q8_0 cache,
+    off on the CPU (the Pipeline's kv_type "auto" takes "q8_0/f16" there, which needs none,
     `pipeline.plan.choose_kv_cache`); True/False force it.
     n_threads / n_threads_batch: None means the number of physical cores this process may use
     (SMT siblings share the FMA units that decode and prefill saturate). kv_type: the K and V
     caches' element types (`formats.KV_CACHES`: "q8_0/f16" is K in Q8_0, V in F16); a quantized V
     ("q8_0") needs flash attention (llama.cpp quantizes V only inside its flash-attention kernel).
+    kv_fallback: the cache taken instead when the model's attention head size is not a multiple
+    of kv_type's K block (a Q8_0 K needs heads of 32k values; llama.cpp would abort), None: refuse
+    such a model with the reason; `LlamaCppLM.options.kv_type` then says which one was taken.
     n_ubatch: the rows llama.cpp computes at once; its attention scratch is n_ubatch x n_ctx per
     head without flash attention. repack: llama.cpp's weight repacking for CPU kernels
     (`use_extra_bufts`); measured on a 2-core AVX-512 CPU, turning it off prefilled 3.6k
@@ -44,6 +47,7 @@ class LLMOptions:
     n_threads_batch: int | None = None
     n_gpu_layers: int | None = None
     kv_type: str = DEFAULT_KV_CACHE_TYPE
+    kv_fallback: str | None = None
     flash_attn: bool | None = None
     use_mmap: bool = True
     repack: bool = False
@@ -51,8 +55,10 @@ class LLMOptions:
     verbose: bool = False
 
     def validate(self) -> None:
-        if self.kv_type not in KV_CACHES:
-            raise LLMError(f"kv_type {self.kv_type!r} is not one of {', '.join(KV_CACHES)}")
+        for name in ("kv_type", "kv_fallback"):
+            value = getattr(self, name)
+            if (value is not None or name == "kv_type") and value not in KV_CACHES:
+                raise LLMError(f"{name} {value!r} is not one of {', '.join(KV_CACHES)}")
         fa = resolve_flash_attn(self.flash_attn, resolve_gpu_layers(self.n_gpu_layers))
         if kv_cache_needs_flash(self.kv_type) and fa == "disabled":  # auto on the CPU is disabled too
             raise LLMError(

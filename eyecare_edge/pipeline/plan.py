@@ -95,8 +95,9 @@ def choose_kv_cache(
     - an F32 GGUF, the export check against PyTorch: an F32 cache without flash attention (unless
       asked for), which matches transformers to ~1e-6;
     - on a GPU: F16 with llama.cpp's own flash attention choice;
-    - on the CPU: CPU_KV_CACHE (K in Q8_0, V in F16) at any context, flash attention as asked
-      (off unless asked), at every context size (see CPU_KV_CACHE for the measurements)."""
+    - on the CPU: CPU_KV_CACHE (K in Q8_0, V in F16) at every context size, flash attention as
+      asked (off unless asked; see CPU_KV_CACHE for the measurements). The Pipeline lets a model
+      whose head size a Q8_0 K cannot take fall back to F16 (`LLMOptions.kv_fallback`)."""
     if kv_type != "auto":
         return kv_type, flash_attn
     if llm_precision == "f32":

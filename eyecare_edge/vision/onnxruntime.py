@@ -57,7 +57,7 @@ class OnnxRuntimeVision:
         except Exception as e:  # onnxruntime raises its own exception types
             raise VisionError(f"{onnx_path}: ONNX Runtime cannot load it ({e})") from e
         finally:
-            release_free_heap()  # the parsed ONNX's buffers: ~0.7x the file (eyecare_edge.heap)
+            release_free_heap()  # the parsed ONNX's buffers: 0.4-0.6x the file (eyecare_edge.heap)
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise VisionError("ONNX Runtime could not initialise CUDA (driver/CUDA/cuDNN mismatch?)")
         names_in = [i.name for i in self.session.get_inputs()]

@@ -360,7 +360,7 @@ def bundle_plan(bundle: str | os.PathLike[str], available: dict[str, Backend], l
             "n_ctx": n_ctx,
             "kv_type": kv_type,
             "n_ubatch": choose_ubatch(None, PipelineOptions.n_batch, offload),
-            "flash_attn": "enabled" if flash else "auto" if offload else "disabled",
+            "flash_attn": "enabled" if flash else "auto" if offload and flash is None else "disabled",
         },
     }
 

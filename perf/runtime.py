@@ -326,6 +326,7 @@ def measure_pipeline(
             "vision_device": pipe.vision.where,
             "vision_skipped": list(pipe.vision.skipped),
             "llm_device": pipe.lm.describe_device(),
+            "llm_flash_attn": pipe.lm.flash_attn,  # as llama.cpp got it: enabled | disabled | auto
             "vision_precision": pipe.vision.encoder.precision,
             "llm_precision": pipe.llm_entry.precision,
             "n_ctx": pipe.lm.n_ctx,

@@ -140,7 +140,8 @@ def measure_llm_variants(runner, opts, bundle, manifest, visual_npy, llm_shape, 
                     or next((f.size for f in manifest.files if f.role == "llm" and f.precision == q), None),
                     "peak_rss_bytes": default.get("peak_rss_bytes"),
                     "options": {
-                        k: default["options"].get(k) for k in ("n_batch", "repack", "flash_attn", "kv_type")
+                        k: default["options"].get(k)
+                        for k in ("n_batch", "n_ubatch", "repack", "flash_attn", "kv_type", "n_threads")
                     },
                 }
             )

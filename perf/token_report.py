@@ -146,8 +146,10 @@ def _speed(res: dict, model: Model, encode: dict[int, float]) -> TokenSpeed:
     )
     options = res.get("options") or {}
     kv_cache = None
-    if options.get("kv_type"):
-        kv_cache = options["kv_type"] + (" + flash" if options.get("flash_attn") else "")
+    if options.get("kv_type"):  # flash attention as llama.cpp got it (a GPU's "auto" matches no KV row)
+        flash = res.get("llm_flash_attn") or ("enabled" if options.get("flash_attn") else "disabled")
+        suffix = {"enabled": " + flash", "disabled": ""}.get(flash, f" + flash {flash}")
+        kv_cache = options["kv_type"] + suffix
     return TokenSpeed(
         layout_ms=layout,
         n_tiles=res["n_tiles"],

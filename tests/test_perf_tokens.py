@@ -109,6 +109,13 @@ def test_default_budget_rule_ratios_and_table():
     assert rows[("25% pool", "kv f16")]["decode_fraction_of_bound"] == pytest.approx(60.0 / bound)
     assert rows[("25% pool", "kv f16")]["kv_cache"] == "f16"
     assert rows[("25% pool", "kv q8_0 + flash")]["kv_cache"] == "q8_0 + flash"
+    # a GPU default leaves flash attention to llama.cpp: no KV row is that run, so no figure
+    raw["token_budgets"][1]["result"]["llm_flash_attn"] = "auto"  # the 25% pool row
+    gpu = build_report(raw)
+    assert gpu["ratios"]["decode_fraction_of_bound_default"] is None
+    assert {(r["name"], r.get("kv")): r for r in gpu["token_budgets"]}[("25% pool", None)]["kv_cache"] == (
+        "f16 + flash auto"
+    )
     targets = {t["key"]: t for t in report["targets"]}
     assert targets["accuracy_delta_default_points"]["met"] is True
     assert targets["decode_fraction_of_bound_default"]["value"] == pytest.approx(60.0 / bound)

@@ -26,7 +26,7 @@ class PipelineOptions:
         flash_attn None = auto: llama.cpp's choice on a GPU, off on the CPU). kv_type "auto": on
         the CPU K in Q8_0 and V in F16 ("q8_0/f16"), on a GPU F16, with an F32 GGUF F32
         (`plan.choose_kv_cache`). n_ubatch None: 256 on the CPU, n_batch on a GPU
-        (`plan.choose_ubatch`; both choices measured, see plan.py).
+        (`plan.choose_ubatch`; the CPU value measured, see plan.py).
     fundus_crop: crop colour fundus photos to their circular field of view before tiling.
     max_tiles: token budget: at most this many patch tiles per image (None: the bundle's).
     visual_tokens: visual tokens the LLM reads per image: a count (800), a fraction of the

@@ -317,6 +317,7 @@ def test_ask_falls_back_and_says_where_each_half_ran(assets, gpu_bundle, gpu_mac
     assert "vision: onnxruntime-cpu" in res.stderr and "on CPU" in res.stderr
     assert "skipped tensorrt fp16: " in res.stderr and "failed building on Fake GPU 0" in res.stderr
     assert "CUDA out of memory" in res.stderr and "llm: llama.cpp" in res.stderr
+    assert "n_ubatch 256, KV q8_0/f16" in res.stderr  # the LLM stays on this CPU: its defaults
     for fail in (fake_tensorrt(build="memory"), fake_tensorrt(builder="typeerror"), fake_tensorrt("8.6.1")):
         gpu_machine(fail)
         res = CliRunner().invoke(main, [*args, "--vision", "tensorrt"])

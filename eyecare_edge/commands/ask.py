@@ -124,5 +124,8 @@ def placement(pipe) -> list[str]:
     lines = [f"vision: {choice.encoder.name} {choice.encoder.precision} on {choice.where}"]
     lines += [f"  skipped {reason}" for reason in choice.skipped]
     lines.append(f"llm: llama.cpp {pipe.llm_entry.precision} ({pipe.llm_entry.path}) on {pipe.lm.describe_device()}")
-    lines.append(f"  n_ctx {pipe.lm.n_ctx}, n_batch {pipe.lm.n_batch}")
+    lines.append(
+        f"  n_ctx {pipe.lm.n_ctx}, n_batch {pipe.lm.n_batch}, n_ubatch {pipe.lm.n_ubatch}, "
+        f"KV {pipe.lm.options.kv_type}"
+    )
     return lines

@@ -10,9 +10,9 @@ Two places in a run leave a lot of it behind that nothing reuses soon after:
   0.4-0.6x the file).
 - Decoding a photo and laying out its tiles frees tens of MB just before the vision encoder's
   activations and the prefill's scratch are allocated (large blocks, which glibc maps afresh
-  rather than carving from that freed memory), so the request's peak sat on top of it: trimming right before the vision run lowered
-  the steady-state peak RSS of a 25%-budget ask from 861 to 780 MB (2 LLM + 2 vision layers),
-  TTFT unchanged (2.12 vs 2.17 s); the trim itself took under 4 ms.
+  rather than carving from that freed memory), so the request's peak sat on top of it: trimming
+  right before the vision run lowered the steady-state peak RSS of a 25%-budget ask from 861 to
+  780 MB (2 LLM + 2 vision layers), TTFT unchanged (2.12 vs 2.17 s); the trim took under 4 ms.
 A process-wide `MALLOC_TRIM_THRESHOLD_=0` reached the same peak but made every tile's activations
 fault in afresh: vision took 1.47 s instead of 1.18 s. So the trim is called at these two points only.
 

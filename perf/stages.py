@@ -21,7 +21,7 @@ SWEEP: dict[str, tuple[dict, dict]] = {
     "repack off": ({"repack": False}, {}),
     "flash attention": ({"flash_attn": True}, {}),
     "flash + q8_0 KV": ({"flash_attn": True, "kv_type": "q8_0"}, {}),
-    "ubatch 512": ({"n_batch": 512, "n_ubatch": 512}, {}),
+    "ubatch 512": ({"n_ubatch": 512}, {}),
     "batch/ubatch 1024": ({"n_batch": 1024, "n_ubatch": 1024}, {}),
     "repack off + flash": ({"repack": False, "flash_attn": True}, {}),
     "1 thread": ({"n_threads": 1}, {}),

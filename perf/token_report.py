@@ -235,8 +235,9 @@ def token_summary(rows: list[TokenRow]) -> tuple[dict, dict]:
         if r.kv and r.speed is not None:
             kv.setdefault(r.name, {})[r.kv] = r.speed
     own_kv = default.speed.kv_cache if default is not None and default.speed is not None else None
-    default_decode = kv.get(default.name, {}).get(f"kv {own_kv}") if default is not None and own_kv else None
-    decode_default = default_decode.decode_fraction_of_bound if default_decode else None
+    variants_here = kv.get(default.name, {}).values() if own_kv and default is not None else ()
+    same_cache = next((v for v in variants_here if v.kv_cache == own_kv), None)
+    decode_default = same_cache.decode_fraction_of_bound if same_cache else None
     ratios = {
         "ttft_default_over_full": over(default),
         "ttft_fast_over_full": over(fast),

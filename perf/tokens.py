@@ -8,8 +8,9 @@ they are counted apart). The rule for the default budget is `token_report.choose
 
 The KV cache type is compared the same way (F16, F16 + flash attention, Q8_0 + flash attention,
 which llama.cpp needs for a quantized V, and K alone in Q8_0), with decode, at the default budget,
-at 50% and at every token: what `pipeline.plan.CPU_KV_CACHE` was chosen from. This module holds the grid and the accuracy
-child; the report side (typed rows, the rule, the table) is `token_report`.
+at 50% and at every token: what `pipeline.plan.CPU_KV_CACHE` was chosen from. This module holds
+the grid and the accuracy child; the report side (typed rows, the rule, the table) is
+`token_report`.
 """
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ class Pipeline:
                 n_gpu_layers=opts.n_gpu_layers,
                 kv_type=kv_type,
                 # auto's choice falls back to F16 on a model whose head size a Q8_0 K cannot take
-                kv_fallback="f16" if opts.kv_type == "auto" and kv_type != "f16" else None,
+                kv_fallback="f16" if opts.kv_type == "auto" else None,
                 flash_attn=flash_attn,
                 repack=opts.repack,
                 seed=opts.seed,
